@@ -1,0 +1,52 @@
+"""Valid-token compaction, shared by the fused backends.
+
+Prompt and padding positions (``target == ignore_index``) never need a logit: the fused
+backends run their GEMMs over the N valid tokens alone, addressed through ``flat_idx``
+into ``hidden.reshape(-1, H)``. Per-sequence sums go back through a dense
+``(2B·T,)`` buffer in which every position is written at most once, so they are
+deterministic on every device (``index_add_`` uses atomics on CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TokenPlan(NamedTuple):
+    flat_idx: torch.Tensor  # (N,) int64: row of hidden.reshape(-1, H) for each valid token
+    target: torch.Tensor  # (N,) int64: its target id
+    seq_id: torch.Tensor  # (N,) int64: its sequence (row of target)
+    n_tokens: torch.Tensor  # (2B,) int64: valid tokens per sequence
+    rows: int  # 2B
+    T: int
+
+
+def plan_tokens(target: torch.Tensor, ignore_index: int, n_tokens: torch.Tensor | None = None) -> TokenPlan:
+    """Compact the valid positions of ``target`` (one host sync: the count N)."""
+    rows, T = target.shape
+    valid = (target != ignore_index).reshape(-1)
+    flat_idx = valid.nonzero().squeeze(1)
+    if n_tokens is None:
+        n_tokens = valid.view(rows, T).sum(1)
+    return TokenPlan(
+        flat_idx=flat_idx,
+        target=target.reshape(-1)[flat_idx].long(),
+        seq_id=torch.div(flat_idx, T, rounding_mode="floor"),
+        n_tokens=n_tokens,
+        rows=rows,
+        T=T,
+    )
+
+
+def sequence_sum(token_values: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+    """Sum per-token values into their sequences, deterministically: (N,) -> (2B,)."""
+    dense = token_values.new_zeros(plan.rows * plan.T)
+    dense[plan.flat_idx] = token_values
+    return dense.view(plan.rows, plan.T).sum(1)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype reduces in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

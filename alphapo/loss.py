@@ -1,0 +1,218 @@
+"""Public API: :class:`AlphaPOLoss`, :func:`alphapo_loss` and :func:`sequence_logprobs`.
+
+The call follows Liger-Kernel's chunked losses, ``loss_fn(lin_weight, hidden, target,
+bias=None)``: ``hidden`` (2B, T, H) holds the last hidden states, chosen sequences in rows
+0..B-1 and rejected in B..2B-1; ``target`` (2B, T) is already shifted so that row ``t``
+predicts ``target[t]``; ``ignore_index`` marks prompt and padding. The logits are never
+materialised by the ``"torch"`` and ``"triton"`` backends.
+
+Backends:
+
+* ``"reference"``: materialised logits (:mod:`alphapo.reference`), for tests and tiny problems;
+* ``"torch"``: chunked PyTorch (:mod:`alphapo.chunked`), any device and float dtype;
+* ``"triton"``: fused Triton kernels (:mod:`alphapo.kernels`), CUDA (or ``TRITON_INTERPRET=1``);
+* ``"auto"``: ``"triton"`` on CUDA when Triton imports, else ``"torch"``.
+
+``scratch_bytes`` bounds the extra memory of the fused backends (a chunk of logits for
+``"torch"``, a vocabulary slice of ``dz`` for ``"triton"``); ``None`` takes each backend's
+default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ._tokens import accumulation_dtype, plan_tokens
+from ._validation import check_inputs, check_targets
+from .chunked import DEFAULT_SCRATCH_BYTES, ChunkedSequenceLogProbs
+from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
+from .reference import alphapo_loss_reference, sequence_logprobs_reference
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete backend and check that the one asked for can run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError('backend="triton" needs the triton package (pip install triton); use backend="torch"')
+        if device.type != "cuda" and not interpret:
+            raise RuntimeError(
+                f'backend="triton" runs on CUDA tensors, got a {device.type} tensor: use backend="torch" '
+                '(or "auto") on this device, or set TRITON_INTERPRET=1 to run the kernels in the slow interpreter'
+            )
+    return backend
+
+
+def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens):
+    """Summed log-probs per sequence (2B,), differentiable, through a fused backend."""
+    plan = plan_tokens(target, ignore_index, n_tokens)
+    if backend == "torch":
+        budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+        return ChunkedSequenceLogProbs.apply(hidden, weight, bias, plan, budget)
+    from .kernels import fused  # imported lazily: triton is optional
+
+    budget = fused.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    return fused.TritonSequenceLogProbs.apply(hidden, weight, bias, plan, budget)
+
+
+@torch.no_grad()
+def _logit_sums(weight, hidden, target, bias, ignore_index, n_tokens):
+    """Σ over valid tokens of Σ_v z, per sequence, with no logits: ``h·Σ_v W_v + Σ_v b_v``."""
+    acc = torch.float64
+    w_sum = weight.sum(0, dtype=acc)  # (H,): reduces in float64, no V×H copy
+    mask = (target != ignore_index).to(hidden.dtype)
+    h_sum = torch.bmm(mask.unsqueeze(1), hidden).squeeze(1).to(acc)  # (2B, H)
+    sums = h_sum @ w_sum
+    if bias is not None:
+        sums = sums + n_tokens.to(acc) * bias.sum(dtype=acc)
+    return sums
+
+
+def sequence_logprobs(
+    hidden,
+    weight,
+    target,
+    bias=None,
+    average: bool = True,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    scratch_bytes: int | None = None,
+):
+    """Per-sequence log-probs ``(2B,)`` of ``target`` under ``hidden @ weight.T + bias``.
+
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``, with no logits in memory
+    (``backend`` "torch"/"triton"): build any pair or sequence loss on top of it. Returns
+    float32 (float64 for float64 inputs). Equivalent PyTorch::
+
+        logp = log_softmax(hidden @ weight.T + bias, -1).gather(-1, target[..., None])[..., 0]
+        s = (logp * mask).sum(-1) / (mask.sum(-1) if average else 1)
+
+    Every row needs at least one valid token; rows need not come in pairs.
+    """
+    check_inputs(weight, hidden, target, bias, paired=False)
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        return sequence_logprobs_reference(weight, hidden, target, bias, average, ignore_index)
+    n_tokens = check_targets(target, weight.shape[0], ignore_index)
+    summed = _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens)
+    return summed / n_tokens.to(summed.dtype) if average else summed
+
+
+def alphapo_loss(
+    lin_weight,
+    hidden,
+    target,
+    bias=None,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    *,
+    alpha: float = 0.25,
+    beta: float = 2.5,
+    gamma: float = 1.375,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    average_log_prob: bool = True,
+    nll_weight: float = 0.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    scratch_bytes: int | None = None,
+) -> tuple[torch.Tensor, AlphaPOOutput]:
+    """The AlphaPO loss from last hidden states and the lm-head; see :class:`AlphaPOLoss`."""
+    cfg = AlphaPOConfig(alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index)
+    return _alphapo_loss(lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, cfg, backend, scratch_bytes)
+
+
+def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes):
+    check_inputs(weight, hidden, target, bias, ref_w, ref_l)
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        return alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg)
+    n_tokens = check_targets(target, weight.shape[0], cfg.ignore_index)
+    seq_sum = _fused_sequence_sums(weight, hidden, target, bias, cfg.ignore_index, backend, scratch_bytes, n_tokens)
+    loss, logps, _, rewards_w, rewards_l, nll = preference_loss(seq_sum, n_tokens, cfg, ref_w, ref_l)
+    logit_sums = _logit_sums(weight, hidden, target, bias, cfg.ignore_index, n_tokens)
+    out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, weight.shape[0])
+    return loss.to(accumulation_dtype(hidden.dtype)), out
+
+
+class AlphaPOLoss(nn.Module):
+    """AlphaPO (arXiv 2501.03884) computed from last hidden states, with no logits in memory.
+
+    ``loss, aux = AlphaPOLoss(...)(lin_weight, hidden, target, bias=None,
+    ref_chosen_logps=None, ref_rejected_logps=None)`` — Liger's chunked-loss call. The
+    loss is ``mean_j loss_type(beta * (f(x_w) - f(x_l)) - gamma) + nll_weight * NLL`` with
+    ``f(x) = (1 - exp(-alpha x)) / alpha`` (``x`` at alpha = 0, i.e. SimPO) and ``x`` the
+    length-averaged log-prob (``average_log_prob=True``) or, given ``ref_*_logps``, the
+    log-ratio to the reference; alpha = 0 with ``average_log_prob=False`` and reference
+    log-probs is DPO. ``aux`` is an :class:`~alphapo.epilogue.AlphaPOOutput` of detached
+    metrics (TRL's names through ``aux.to_dict()``).
+
+    Args:
+        alpha: reward shape; 0.25 is the paper's value for Mistral-7B and Llama-3-8B.
+            Sign convention as the paper and TRL; ``alpha -> -alpha`` gives the
+            ``(1/alpha)[(pi/pi_ref)**alpha - 1]`` form (see :mod:`alphapo.epilogue`).
+        beta: reward scale. 2.5 and ``gamma`` 1.375 are SimPO's Llama-3-8B-Instruct recipe
+            (β = 2.5, γ/β = 0.55), AlphaPO's starting point.
+        gamma: target reward margin.
+        label_smoothing: ε of the conservative sigmoid loss, in [0, 0.5].
+        loss_type: "sigmoid" (AlphaPO/SimPO), "hinge" or "ipo".
+        average_log_prob: length-normalise sequence log-probs (SimPO/AlphaPO) or sum them (DPO).
+        nll_weight: weight λ of the mean NLL over chosen tokens added to the loss (CPO's alpha).
+        ignore_index: target value of prompt and padding positions.
+        backend: "auto", "reference", "torch" or "triton" (see :mod:`alphapo.loss`).
+        scratch_bytes: extra-memory budget of the fused backends; None for their default.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.25,
+        beta: float = 2.5,
+        gamma: float = 1.375,
+        label_smoothing: float = 0.0,
+        loss_type: str = "sigmoid",
+        average_log_prob: bool = True,
+        nll_weight: float = 0.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        scratch_bytes: int | None = None,
+    ):
+        super().__init__()
+        self.config = AlphaPOConfig(
+            alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index
+        )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if scratch_bytes is not None and scratch_bytes <= 0:
+            raise ValueError(f"scratch_bytes must be a positive byte count or None, got {scratch_bytes}")
+        self.backend = backend
+        self.scratch_bytes = scratch_bytes
+
+    def forward(self, lin_weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None):
+        return _alphapo_loss(
+            lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps,
+            self.config, self.backend, self.scratch_bytes,
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"alpha={c.alpha}, beta={c.beta}, gamma={c.gamma}, loss_type={c.loss_type!r}, "
+            f"average_log_prob={c.average_log_prob}, nll_weight={c.nll_weight}, backend={self.backend!r}"
+        )

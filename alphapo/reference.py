@@ -1,0 +1,72 @@
+"""The AlphaPO loss in plain PyTorch, with materialised logits: the specification.
+
+Readable first, fast never. Every other backend is tested against it. It computes the
+logits in the inputs' dtype (as a ``nn.Linear`` would), upcasts them to float32 (float64
+inputs stay float64) for the log-softmax, and hands the per-sequence sums to the shared
+epilogue (:mod:`alphapo.epilogue`). Peak memory is O(2B·T·V): use it on small problems.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_inputs, check_targets
+from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
+
+
+def logits_reference(weight, hidden, bias=None):
+    """``z = hidden @ weight.T + bias`` in the inputs' dtype, then float32 or wider."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def token_logprobs_reference(weight, hidden, target, bias=None, ignore_index=-100):
+    """Per-token ``z[y] - logsumexp(z)``, shape (2B, T); 0 where target == ignore_index."""
+    logits = logits_reference(weight, hidden, bias)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0).long()
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logps, torch.zeros_like(logps))
+
+
+def sequence_logprobs_reference(weight, hidden, target, bias=None, average=True, ignore_index=-100):
+    """Per-sequence log-probs (2B,): summed, or divided by the valid-token count."""
+    check_inputs(weight, hidden, target, bias, paired=False)
+    n_tokens = check_targets(target, weight.shape[0], ignore_index)
+    summed = token_logprobs_reference(weight, hidden, target, bias, ignore_index).sum(-1)
+    return summed / n_tokens if average else summed
+
+
+def alphapo_loss_reference(
+    weight,
+    hidden,
+    target,
+    bias=None,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    config: AlphaPOConfig | None = None,
+    **options,
+) -> tuple[torch.Tensor, AlphaPOOutput]:
+    """AlphaPO loss from materialised logits. ``options`` are :class:`AlphaPOConfig` fields."""
+    cfg = config if config is not None else AlphaPOConfig(**options)
+    check_inputs(weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps)
+    n_tokens = check_targets(target, weight.shape[0], cfg.ignore_index)
+    logits = logits_reference(weight, hidden, bias)
+    valid = target != cfg.ignore_index
+    safe_target = torch.where(valid, target, 0).long()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    seq_sum = torch.where(valid, token_logps, torch.zeros_like(token_logps)).sum(-1)
+    loss, logps, _, rewards_w, rewards_l, nll = preference_loss(
+        seq_sum, n_tokens, cfg, ref_chosen_logps, ref_rejected_logps
+    )
+    with torch.no_grad():
+        logit_sums = (logits.sum(-1) * valid).sum(-1).double()
+    out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, weight.shape[0])
+    return loss.to(_loss_dtype(hidden.dtype)), out
+
+
+def _loss_dtype(dtype):
+    """The loss comes back in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
