@@ -27,7 +27,8 @@ from torch import nn
 
 from ._tokens import accumulation_dtype, plan_tokens
 from ._validation import check_inputs, check_targets
-from .chunked import DEFAULT_SCRATCH_BYTES, ChunkedSequenceLogProbs
+from . import chunked
+from ._autograd import FusedSequenceLogProbs
 from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
 from .reference import alphapo_loss_reference, sequence_logprobs_reference
 
@@ -60,21 +61,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens):
+def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, group=None):
     """Summed log-probs per sequence (2B,), differentiable, through a fused backend."""
     plan = plan_tokens(target, ignore_index, n_tokens)
     if backend == "torch":
-        budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-        return ChunkedSequenceLogProbs.apply(hidden, weight, bias, plan, budget)
-    from .kernels import fused  # imported lazily: triton is optional
-
-    budget = fused.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return fused.TritonSequenceLogProbs.apply(hidden, weight, bias, plan, budget)
+        module = chunked
+    else:
+        from .kernels import fused as module  # imported lazily: triton is optional
+    budget = module.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    return FusedSequenceLogProbs.apply(hidden, weight, bias, plan, module, budget, group)
 
 
 @torch.no_grad()
-def _logit_sums(weight, hidden, target, bias, ignore_index, n_tokens):
-    """Σ over valid tokens of Σ_v z, per sequence, with no logits: ``h·Σ_v W_v + Σ_v b_v``."""
+def _logit_sums(weight, hidden, target, bias, ignore_index, n_tokens, group=None):
+    """Σ over valid tokens of Σ_v z, per sequence, with no logits: ``h·Σ_v W_v + Σ_v b_v``.
+
+    Under vocabulary parallelism the per-rank partials are summed across ``group``.
+    """
     acc = torch.float64
     w_sum = weight.sum(0, dtype=acc)  # (H,): reduces in float64, no V×H copy
     mask = (target != ignore_index).to(hidden.dtype)
@@ -82,6 +85,10 @@ def _logit_sums(weight, hidden, target, bias, ignore_index, n_tokens):
     sums = h_sum @ w_sum
     if bias is not None:
         sums = sums + n_tokens.to(acc) * bias.sum(dtype=acc)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=group)
     return sums
 
 
@@ -94,6 +101,7 @@ def sequence_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     scratch_bytes: int | None = None,
+    process_group=None,
 ):
     """Per-sequence log-probs ``(2B,)`` of ``target`` under ``hidden @ weight.T + bias``.
 
@@ -109,9 +117,14 @@ def sequence_logprobs(
     check_inputs(weight, hidden, target, bias, paired=False)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
+        if process_group is not None:
+            raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
         return sequence_logprobs_reference(weight, hidden, target, bias, average, ignore_index)
-    n_tokens = check_targets(target, weight.shape[0], ignore_index)
-    summed = _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens)
+    vocab_size = _global_vocab_size(weight.shape[0], process_group, hidden.device)
+    n_tokens = check_targets(target, vocab_size, ignore_index)
+    summed = _fused_sequence_sums(
+        weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, process_group
+    )
     return summed / n_tokens.to(summed.dtype) if average else summed
 
 
@@ -133,22 +146,40 @@ def alphapo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     scratch_bytes: int | None = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, AlphaPOOutput]:
     """The AlphaPO loss from last hidden states and the lm-head; see :class:`AlphaPOLoss`."""
     cfg = AlphaPOConfig(alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index)
-    return _alphapo_loss(lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, cfg, backend, scratch_bytes)
+    return _alphapo_loss(
+        lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, cfg, backend, scratch_bytes, process_group
+    )
 
 
-def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes):
+def _global_vocab_size(vocab_size, group, device):
+    if group is None:
+        return vocab_size
+    import torch.distributed as dist
+
+    v = torch.tensor([vocab_size], dtype=torch.int64, device=device)
+    dist.all_reduce(v, group=group)
+    return int(v.item())
+
+
+def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes, group=None):
     check_inputs(weight, hidden, target, bias, ref_w, ref_l)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
+        if group is not None:
+            raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
         return alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg)
-    n_tokens = check_targets(target, weight.shape[0], cfg.ignore_index)
-    seq_sum = _fused_sequence_sums(weight, hidden, target, bias, cfg.ignore_index, backend, scratch_bytes, n_tokens)
+    vocab_size = _global_vocab_size(weight.shape[0], group, hidden.device)
+    n_tokens = check_targets(target, vocab_size, cfg.ignore_index)
+    seq_sum = _fused_sequence_sums(
+        weight, hidden, target, bias, cfg.ignore_index, backend, scratch_bytes, n_tokens, group
+    )
     loss, logps, _, rewards_w, rewards_l, nll = preference_loss(seq_sum, n_tokens, cfg, ref_w, ref_l)
-    logit_sums = _logit_sums(weight, hidden, target, bias, cfg.ignore_index, n_tokens)
-    out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, weight.shape[0])
+    logit_sums = _logit_sums(weight, hidden, target, bias, cfg.ignore_index, n_tokens, group)
+    out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, vocab_size)
     return loss.to(accumulation_dtype(hidden.dtype)), out
 
 
@@ -178,6 +209,10 @@ class AlphaPOLoss(nn.Module):
         ignore_index: target value of prompt and padding positions.
         backend: "auto", "reference", "torch" or "triton" (see :mod:`alphapo.loss`).
         scratch_bytes: extra-memory budget of the fused backends; None for their default.
+        process_group: vocabulary parallelism: each rank of this ``torch.distributed``
+            group passes a contiguous slice of the vocabulary rows of ``lin_weight`` (and
+            ``bias``), in rank order; every rank gets the same loss and ``grad_hidden``
+            and the gradient of its own slice (see :mod:`alphapo._autograd`).
     """
 
     def __init__(
@@ -192,6 +227,7 @@ class AlphaPOLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         scratch_bytes: int | None = None,
+        process_group=None,
     ):
         super().__init__()
         self.config = AlphaPOConfig(
@@ -203,11 +239,12 @@ class AlphaPOLoss(nn.Module):
             raise ValueError(f"scratch_bytes must be a positive byte count or None, got {scratch_bytes}")
         self.backend = backend
         self.scratch_bytes = scratch_bytes
+        self.process_group = process_group
 
     def forward(self, lin_weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None):
         return _alphapo_loss(
             lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps,
-            self.config, self.backend, self.scratch_bytes,
+            self.config, self.backend, self.scratch_bytes, self.process_group,
         )
 
     def extra_repr(self) -> str:
