@@ -109,7 +109,7 @@ CASES = [
 # The Triton kernels, in the workers under TRITON_INTERPRET=1 (CPU tensors, gloo): float32
 # only (the interpreter's bf16 dot is wrong, DESIGN.md §4). Last, so that a failure here
 # cannot stop the torch cases (the workers stop at the first failing case).
-if importlib.util.find_spec("triton") is not None:
+if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("alphapo.kernels") is not None:
     CASES += [
         Case("triton-uneven-bias-fp32", sizes=(5, 8), dtype=torch.float32, options=dict(backend="triton"), seed=12),
         Case(
