@@ -1,0 +1,65 @@
+"""One fixed launch configuration per kernel, dtype class and GPU family.
+
+A configuration is the GEMM tile each kernel computes: ``block_m`` output rows (tokens),
+``block_n`` output columns (vocabulary for the forward and ``dz`` kernels, hidden for
+``grad_h``), ``block_k`` the reduction step (hidden, or vocabulary for ``grad_h``).
+
+Choices (to be re-measured on the lent GPUs; see the GPU performance issues):
+
+* sm_90 (H100/H200), 16-bit: 128×128×64, 8 warps, 3 stages — the pointer-based ``tl.dot``
+  tile that DESIGN.md §3 measured at 0.81–0.85× cuBLAS; 96 KiB of shared memory for the
+  three stages of the A and B tiles, well under the 227 KiB limit, and a 128×128 float32
+  accumulator over 256 threads (64 registers each), leaving room for the epilogue.
+* sm_80 (A100) and other pre-Hopper parts, 16-bit: 128×128×32, 8 warps, 3 stages — half
+  the K step keeps three stages inside the smaller shared memory with headroom.
+* float32 inputs (any GPU): 64×64×32, 4 warps, 2 stages — exact float32 products
+  (``input_precision="ieee"``) run on the FMA units, where big tiles only add registers.
+* Triton's CPU interpreter: 16×32×16 — the smallest tiles ``tl.dot`` accepts, since the
+  interpreter's cost is per masked element, not per launch.
+
+Autotuning is not used: each entry is fixed, so launches are reproducible and cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+
+class LaunchConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+KERNELS = ("fwd", "dz", "grad_h")
+
+# (family, dtype class) -> kernel -> config
+CONFIGS: dict[tuple[str, str], dict[str, LaunchConfig]] = {
+    ("sm90", "16bit"): {k: LaunchConfig(128, 128, 64, 8, 3) for k in KERNELS},
+    ("sm80", "16bit"): {k: LaunchConfig(128, 128, 32, 8, 3) for k in KERNELS},
+    ("sm90", "fp32"): {k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
+    ("sm80", "fp32"): {k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
+    ("interpreter", "16bit"): {k: LaunchConfig(16, 32, 16, 1, 1) for k in KERNELS},
+    ("interpreter", "fp32"): {k: LaunchConfig(16, 32, 16, 1, 1) for k in KERNELS},
+}
+
+
+def gpu_family(device: torch.device) -> str:
+    """"sm90" for Hopper and newer, "sm80" before it, "interpreter" off-GPU."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def launch_config(device: torch.device, dtype: torch.dtype, kernel: str) -> LaunchConfig:
+    return CONFIGS[(gpu_family(device), dtype_class(dtype))][kernel]

@@ -1,0 +1,344 @@
+"""Fused lm-head → log-softmax statistics, and the recomputing backward, in Triton.
+
+The PyTorch this replaces, over the N valid tokens ``h = hidden.reshape(-1, H)[flat_idx]``::
+
+    z   = h @ W.T + b                       # (N, V): never materialised here
+    lse = z.logsumexp(-1);  tgt = z.gather(-1, y[:, None])[:, 0]
+    # backward, given coef = dL/dlogp per token:
+    dz  = coef[:, None] * (one_hot(y, V) - softmax(z))
+    grad_h = dz @ W;  grad_W = dz.T @ h;  grad_b = dz.sum(0)
+
+Memory. The forward keeps no logits at all, not even a tile in global memory: each program
+owns ``BLOCK_N`` tokens and one split of the vocabulary and reduces its logit tiles on the
+fly (online log-sum-exp ``m_i``/``l_i`` and the target logit), writing three floats per
+token and split; the splits are combined exactly afterwards. Splitting the vocabulary lets
+a small token count still fill the GPU.
+
+The backward's design (DESIGN.md §3). A fully fused backward (CCE's way) adds every
+(token block × vocabulary tile) partial of ``grad_h`` and ``grad_W`` into global memory
+across programs: ≈ N·H·V/BLOCK_V + V·H·N/BLOCK_N read-modify-writes (≈ 1e11 at the
+Llama-3-8B head), atomics that are slow, inaccurate in bf16 and non-deterministic. Here the
+backward walks the vocabulary in slices of ``V_s`` columns, sized so that ``dz`` for the
+slice (N × V_s, input dtype) fits ``scratch_bytes``:
+
+1. ``_dz_kernel`` recomputes the slice's logit tiles and writes ``dz`` (and, with a bias,
+   per-block column sums of ``dz`` in float32, reduced without atomics);
+2. ``grad_W[slice] = dz.T @ h``: one GEMM with float32 accumulation, each row of
+   ``grad_W`` written once in the weight's dtype (no V×H float32 buffer);
+3. ``_grad_h_kernel`` adds ``dz @ W[slice]`` into a float32 N×H accumulator, and on the
+   last slice writes ``grad_hidden`` rows (scattered back through ``flat_idx``) in the
+   hidden dtype. With a single slice it writes straight out, with no accumulator.
+
+Cost: 2·N·H·V (forward) + 3 × 2·N·H·V (backward) = 8·N·H·V, the minimum without stored
+logits, plus ≈ 3·N·V·2 bytes of ``dz`` traffic. Extra memory: the ``dz`` slice
+(≤ ``scratch_bytes``), the float32 ``grad_h`` accumulator (N·H·4, only with several
+slices), the compacted hidden rows (N·H, only when some tokens are ignored) and O(N)
+statistics — nothing grows with N·V, nothing is V×H in float32. No atomics anywhere: the
+same inputs give bitwise-identical results on the same device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import LaunchConfig, launch_config
+
+# dz slice budget: at the Llama-3-8B head with 16,384 bf16 tokens this is a slice of
+# 6,144 columns (21 slices); with the 256 MiB float32 grad_h accumulator the backward's
+# extra memory stays under 512 MB.
+DEFAULT_SCRATCH_BYTES = 192 * 2**20
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, w_ptr, b_ptr, rows, mask_n, offs_v, mask_v, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """float32 tile ``z[rows, offs_v] = h[rows] @ W[offs_v].T (+ b)`` via tl.dot over H.
+
+    ``rows`` are int64 row ids into ``h``; ``offs_v`` int32 vocabulary ids, widened to
+    int64 in the address arithmetic only (``offs_v * stride_wv`` passes 2**31 once V·H does).
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
+    w_ptrs = w_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_h[:, None] * stride_wh
+    for h0 in range(0, H, BLOCK_H):
+        mask_h = (h0 + offs_h) < H
+        a = tl.load(h_ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_H * stride_hh
+        w_ptrs += BLOCK_H * stride_wh
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr,
+    # sizes
+    N, V, H, V_PER_SPLIT,
+    # strides
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Per (token block, vocabulary split): running max m_i, Σ exp(z - m_i) l_i, target logit."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # int64 rows: row * stride_hn passes 2**31 once N·H does.
+    rows = tl.load(idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int32)
+
+    m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = pid_s * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        z = _logit_tile(
+            h_ptr, w_ptr, b_ptr, rows, mask_n, offs_v, mask_v, H,
+            stride_hn, stride_hh, stride_wv, stride_wh,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+        )
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        # Every split holds >= 1 column, so m_new is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+        tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+
+    out = pid_s * N + offs_n
+    tl.store(m_ptr + out, m_i, mask=mask_n)
+    tl.store(l_ptr + out, l_i, mask=mask_n)
+    tl.store(tgt_ptr + out, tgt, mask=mask_n)
+
+
+@triton.jit
+def _dz_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, lse_ptr, coef_ptr, dz_ptr, db_ptr,
+    # sizes
+    N, V, H, v_lo, V_S,
+    # strides
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dbn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dz[n, v - v_lo] = coef_n (1[v = y_n] - exp(z_nv - lse_n)) for v in [v_lo, v_lo + V_S)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.load(idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    offs_s = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the slice
+    offs_v = v_lo + offs_s
+    mask_v = (offs_s < V_S) & (offs_v < V)
+    z = _logit_tile(
+        h_ptr, w_ptr, b_ptr, rows, mask_n, offs_v, mask_v, H,
+        stride_hn, stride_hh, stride_wv, stride_wh,
+        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+    )
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int32)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)  # 0 on padded rows: dz = 0 there
+    p = tl.exp(z - lse[:, None])
+    dz = coef[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
+    mask = mask_n[:, None] & mask_v[None, :]
+    dz_ptrs = dz_ptr + offs_n[:, None].to(tl.int64) * stride_dzn + offs_s[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        # Per-block column sums in float32, reduced in a fixed order on the host side.
+        col = tl.sum(tl.where(mask, dz, 0.0), axis=0)
+        tl.store(db_ptr + pid_n * stride_dbn + offs_s, col, mask=mask_v)
+
+
+@triton.jit
+def _grad_h_kernel(
+    # pointers
+    dz_ptr, w_ptr, acc_ptr, out_ptr, idx_ptr,
+    # sizes
+    N, H, v_lo, V_S,
+    # strides
+    stride_dzn, stride_wv, stride_wh, stride_accn, stride_outn,
+    # meta-parameters
+    FIRST: tl.constexpr, LAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc[n, :] (+)= dz[n, :] @ W[v_lo : v_lo + V_S]; on the last slice, out[idx[n]] = acc."""
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_n = offs_n < N
+    mask_h = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    dz_ptrs = dz_ptr + offs_n[:, None].to(tl.int64) * stride_dzn + offs_k[None, :]
+    w_ptrs = w_ptr + (v_lo + offs_k[:, None]).to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh
+    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, V_S, BLOCK_K):
+        mask_k = (k0 + offs_k) < V_S
+        a = tl.load(dz_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        dz_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wv
+    mask = mask_n[:, None] & mask_h[None, :]
+    acc_ptrs = acc_ptr + offs_n[:, None].to(tl.int64) * stride_accn + offs_h[None, :]
+    if not FIRST:
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
+    if LAST:
+        rows = tl.load(idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+        out_ptrs = out_ptr + rows[:, None] * stride_outn + offs_h[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptrs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's matmul precision: exact ("ieee") unless TF32 is allowed."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _check(h2d, weight):
+    if h2d.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f'backend="triton" supports {SUPPORTED_DTYPES} inputs, got {h2d.dtype}: use backend="torch" for it'
+        )
+    if not (h2d.is_cuda or _interpreting()):
+        raise RuntimeError('backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1); use backend="torch"')
+
+
+def _num_programs_target(device: torch.device) -> int:
+    """Programs wanted in the forward grid: two waves over the SMs."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _vocab_splits(N: int, V: int, cfg: LaunchConfig, device) -> tuple[int, int]:
+    """(V_PER_SPLIT, splits): enough (token block × split) programs to fill the GPU."""
+    row_blocks = triton.cdiv(N, cfg.block_m)
+    max_splits = triton.cdiv(V, cfg.block_n)
+    splits = min(max_splits, max(1, triton.cdiv(_num_programs_target(device), row_blocks)))
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_n) * cfg.block_n
+    return v_per_split, triton.cdiv(V, v_per_split)
+
+
+def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype):
+    """Per valid token: ``lse = logsumexp(z)`` and ``tgt = z[target]`` (0 for target -1), float32."""
+    _check(h2d, weight)
+    N, (V, H) = flat_idx.numel(), weight.shape
+    device = h2d.device
+    lse = torch.empty(N, dtype=torch.float32, device=device)
+    if N == 0:
+        return lse, lse.clone()
+    cfg = launch_config(device, h2d.dtype, "fwd")
+    v_per_split, splits = _vocab_splits(N, V, cfg, device)
+    m = torch.empty((splits, N), dtype=torch.float32, device=device)
+    l = torch.empty_like(m)
+    tgt = torch.empty_like(m)
+    grid = (triton.cdiv(N, cfg.block_m), splits)
+    _lse_fwd_kernel[grid](
+        h2d, weight, bias if bias is not None else weight, flat_idx, target, m, l, tgt,
+        N, V, H, v_per_split,
+        h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+        DOT_PRECISION=_dot_precision(h2d.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # Exact combination of the splits' partial log-sum-exps: O(splits · N), negligible.
+    m_max = m.max(dim=0).values
+    lse = m_max + torch.log((l * torch.exp(m - m_max)).sum(dim=0))
+    return lse, tgt.sum(dim=0)
+
+
+def slice_columns(N: int, V: int, itemsize: int, scratch_bytes: int, block: int) -> int:
+    """Vocabulary columns per backward slice: the dz slice (N × V_s) fits scratch_bytes."""
+    cols = max(block, (int(scratch_bytes) // max(1, N * itemsize)) // block * block)
+    return min(cols, triton.cdiv(V, block) * block)
+
+
+def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes, needs):
+    """Gradients of ``Σ_t coef_t (z_t[y_t] - lse_t)`` w.r.t. h2d, weight, bias (see module doc)."""
+    need_h, need_w, need_b = needs
+    N, (V, H) = flat_idx.numel(), weight.shape
+    device, dtype = h2d.device, h2d.dtype
+    grad_h = torch.zeros_like(h2d) if need_h else None
+    # Contiguous, whatever weight's strides: each slice's GEMM writes rows [v_lo, v_hi).
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_w else None
+    grad_b = torch.empty(bias.shape, dtype=bias.dtype, device=device) if need_b else None
+    if N == 0:
+        return grad_h, grad_w.zero_() if need_w else None, grad_b.zero_() if need_b else None
+    cfg = launch_config(device, dtype, "dz")
+    hcfg = launch_config(device, dtype, "grad_h")
+    coef = coef.to(torch.float32).contiguous()
+    V_s = slice_columns(N, V, h2d.element_size(), scratch_bytes, cfg.block_n)
+    n_slices = triton.cdiv(V, V_s)
+    dz = torch.empty((N, V_s), dtype=dtype, device=device)
+    row_blocks = triton.cdiv(N, cfg.block_m)
+    db = torch.empty((row_blocks, V_s), dtype=torch.float32, device=device) if need_b else None
+    # Compacted hidden rows for the grad_W GEMM: a view when every token is valid.
+    h_valid = None
+    if need_w:
+        all_valid = N == h2d.shape[0]
+        h_valid = h2d if all_valid else h2d.index_select(0, flat_idx)
+    acc = torch.empty((N, H), dtype=torch.float32, device=device) if need_h and n_slices > 1 else None
+    precision = _dot_precision(dtype)
+    for s in range(n_slices):
+        v_lo = s * V_s
+        v_hi = min(V, v_lo + V_s)
+        width = v_hi - v_lo
+        _dz_kernel[(row_blocks, triton.cdiv(width, cfg.block_n))](
+            h2d, weight, bias if bias is not None else weight, flat_idx, target, lse, coef, dz,
+            db if need_b else dz,
+            N, V, H, v_lo, width,
+            h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+            db.stride(0) if need_b else 0,
+            HAS_BIAS=need_b, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+            DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        dz_s = dz[:, :width]
+        if need_b:
+            grad_b[v_lo:v_hi] = db[:, :width].sum(0).to(grad_b.dtype)
+        if need_w:
+            torch.matmul(dz_s.t(), h_valid, out=grad_w[v_lo:v_hi])
+        if need_h:
+            _grad_h_kernel[(triton.cdiv(N, hcfg.block_m), triton.cdiv(H, hcfg.block_n))](
+                dz_s, weight, acc if acc is not None else dz, grad_h, flat_idx,
+                N, H, v_lo, width,
+                dz.stride(0), weight.stride(0), weight.stride(1), acc.stride(0) if acc is not None else 0,
+                grad_h.stride(0),
+                FIRST=s == 0, LAST=s == n_slices - 1,
+                BLOCK_N=hcfg.block_m, BLOCK_H=hcfg.block_n, BLOCK_K=hcfg.block_k,
+                DOT_PRECISION=precision, num_warps=hcfg.num_warps, num_stages=hcfg.num_stages,
+            )
+    return grad_h, grad_w, grad_b

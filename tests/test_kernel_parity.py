@@ -1,0 +1,146 @@
+"""The Triton backend against the float64 reference: loss and every gradient.
+
+Runs on CUDA when present, else in Triton's CPU interpreter (float32 and float16 only,
+small odd shapes). Tolerances: float32 to 1e-5 relative; float16 per flash-attention's
+rule, ``err_triton <= 2 * err_torch_fp16 + atol`` — no worse than PyTorch's own path in
+the same dtype, both measured against float64.
+"""
+
+from triton_interp import device, triton_interpreter  # noqa: F401  (first: see its docstring)
+
+import pytest
+import torch
+from conftest import TOL, assert_grads_close, loss_and_grads, make_batch, rel_err, upcast
+
+import alphapo
+from alphapo.kernels import fused
+
+# (B, T, H, V): odd sizes that straddle the tile edges (interpreter tiles are 16×32×16).
+SHAPES = [
+    pytest.param((2, 13, 40, 150), id="B2-T13-H40-V150"),
+    pytest.param((1, 9, 16, 31), id="B1-T9-H16-V31-V<tile"),
+    pytest.param((3, 7, 80, 257), id="B3-T7-H80-V257"),
+]
+
+OPTIONS = [
+    pytest.param(dict(alpha=0.25), id="alpha0.25"),
+    pytest.param(dict(alpha=-1.0, label_smoothing=0.1), id="alpha-1-ls0.1"),
+    pytest.param(dict(alpha=0.0, nll_weight=0.5), id="simpo-nll"),
+    pytest.param(dict(alpha=2.0, loss_type="hinge"), id="alpha2-hinge"),
+    pytest.param(dict(alpha=1.0, loss_type="ipo", average_log_prob=False, beta=0.1), id="alpha1-ipo-sum"),
+]
+
+
+def _loss(backend, options, target, ref_logps=(None, None), scratch_bytes=None):
+    def fn(W, h, b):
+        return alphapo.alphapo_loss(
+            W, h, target, b, *ref_logps, backend=backend, scratch_bytes=scratch_bytes, **options
+        )
+
+    return fn
+
+
+def _run(backend, options, batch, dtype, device, scratch_bytes=None, ref_logps=(None, None), seed=1):
+    weight, hidden, target, bias = batch
+    if backend == "reference":
+        weight, hidden, bias = upcast(weight, hidden, bias)
+        ref_logps = upcast(*ref_logps)
+    else:
+        weight, hidden, bias = (None if t is None else t.to(device=device, dtype=dtype) for t in (weight, hidden, bias))
+        ref_logps = tuple(None if r is None else r.to(device) for r in ref_logps)
+        target = target.to(device)
+    return loss_and_grads(_loss(backend, options, target, ref_logps, scratch_bytes), weight, hidden, bias, seed=seed)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_fp32_matches_reference(shape, options, device):
+    batch = make_batch(*shape, torch.float64, seed=sum(shape))
+    ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
+    out, grads = _run("triton", options, batch, torch.float32, device)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], f"triton fp32 {options}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_fp16_no_worse_than_torch(bias, device):
+    batch = make_batch(2, 13, 48, 200, torch.float64, bias=bias, seed=7)
+    options = dict(alpha=0.25)
+    ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
+    out, grads = _run("triton", options, batch, torch.float16, device)
+    base, base_grads = _run("torch", options, batch, torch.float16, "cpu")
+    assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-4
+    for name, g in ref_grads.items():
+        if g is None:
+            continue
+        assert rel_err(grads[name], g) <= 2 * rel_err(base_grads[name], g) + 1e-4, name
+
+
+@pytest.mark.parametrize("scratch_bytes", [1, 4 * 1024], ids=["one-tile-slices", "4KiB-slices"])
+def test_several_backward_slices(scratch_bytes, device):
+    """A small scratch budget forces the backward through several vocabulary slices."""
+    batch = make_batch(2, 11, 24, 300, torch.float64, seed=3)
+    options = dict(alpha=0.5, nll_weight=0.3)
+    ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
+    out, grads = _run("triton", options, batch, torch.float32, device, scratch_bytes=scratch_bytes)
+    n_valid = int((batch[2] != -100).sum())
+    assert fused.slice_columns(n_valid, 300, 4, scratch_bytes, 32) < 300  # really several slices
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], f"scratch {scratch_bytes}")
+
+
+def test_reference_logps_dpo(device):
+    """With reference log-probs, summed log-probs and alpha = 0 the loss is DPO."""
+    batch = make_batch(2, 10, 32, 97, torch.float64, seed=11)
+    gen = torch.Generator().manual_seed(0)
+    ref_logps = (-20 * torch.rand(2, generator=gen, dtype=torch.float64), -20 * torch.rand(2, generator=gen, dtype=torch.float64))
+    options = dict(alpha=0.0, beta=0.1, gamma=0.0, average_log_prob=False)
+    ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu", ref_logps=ref_logps)
+    out, grads = _run("triton", options, batch, torch.float32, device, ref_logps=ref_logps)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], "dpo")
+
+
+def test_sequence_logprobs_odd_rows(device):
+    """The generic primitive: any number of rows, per-row upstream gradients."""
+    weight, hidden, target, bias = make_batch(2, 12, 40, 120, torch.float64, seed=5)
+    hidden, target = hidden[:3], target[:3]
+
+    def run(dtype, dev, backend):
+        W, h, b = (t.to(device=dev, dtype=dtype) for t in (weight, hidden, bias))
+        return loss_and_grads(
+            lambda W, h, b: alphapo.sequence_logprobs(h, W, target.to(dev), b, backend=backend), W, h, b, seed=2
+        )
+
+    ref, ref_grads = run(torch.float64, "cpu", "reference")
+    out, grads = run(torch.float32, device, "triton")
+    assert out.shape == (3,)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], "sequence_logprobs")
+
+
+def test_long_prompts_and_padding(device):
+    """Most positions ignored (long shared prompts, ragged padding): only valid rows count."""
+    batch = make_batch(3, 24, 32, 90, torch.float64, prompt_len=18, seed=13)
+    options = dict(alpha=0.25)
+    ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
+    out, grads = _run("triton", options, batch, torch.float32, device)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], "long prompts")
+    ignored = batch[2] == -100
+    assert torch.all(grads["hidden"][ignored.to(grads["hidden"].device)] == 0)
+
+
+def test_strided_inputs(device):
+    """A transposed-storage weight and a sliced hidden: kernels honour strides."""
+    weight, hidden, target, bias = make_batch(2, 9, 40, 70, torch.float64, seed=17)
+    options = dict(alpha=0.25)
+    ref, ref_grads = _run("reference", options, (weight, hidden, target, bias), torch.float64, "cpu")
+    W = weight.to(device=device, dtype=torch.float32).t().contiguous().t()  # (V, H), strides (1, V)
+    wide = torch.zeros(4, 9, 80, dtype=torch.float32, device=device)
+    wide[..., ::2] = hidden.to(device=device, dtype=torch.float32)
+    h = wide[..., ::2]  # non-contiguous last dimension
+    assert W.stride() == (1, 70) and h.stride(-1) == 2
+    out, grads = loss_and_grads(_loss("triton", options, target.to(device)), W, h, bias.float().to(device), seed=1)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], "strided")
