@@ -9,60 +9,71 @@ and :mod:`alphapo.kernels.fused`)::
 and this Function turns them into differentiable per-sequence sums
 ``S_i = Σ_t (tgt_t - lse_t)``. Vocabulary parallelism sits here too, once for every
 backend: when each rank of ``group`` holds a contiguous slice of the vocabulary rows, the
-per-token log-sum-exp partials are combined with one all-reduce of ``exp(lse - m)``
-after an all-reduce of the max ``m``, the target logit comes from the rank that owns it
-(the others see target -1 and contribute 0), and ``grad_h`` is summed across ranks, so
+per-token log-sum-exp partials are combined with an all-reduce of the max ``m`` and one
+all-reduce of ``exp(lse - m)`` stacked with the target logit, which comes from the rank
+that owns it (the others see target -1 and contribute 0); ``grad_h`` is summed across
+ranks over the valid rows alone, so
 every rank returns the same ``S`` and the same ``grad_hidden`` and keeps the gradient of
 its own weight slice.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._tokens import TokenPlan, accumulation_dtype, sequence_sum
 
 
-def vocab_offset(vocab_size: int, group, device) -> int:
-    """First vocabulary row of this rank's slice: the sum of the lower ranks' sizes."""
+class VocabShard(NamedTuple):
+    """This rank's place in a vocabulary-parallel lm-head: its group and first row."""
+
+    group: object
+    offset: int
+
+
+def vocab_layout(vocab_size: int, group, device) -> tuple[int, int]:
+    """``(offset, total)``: this rank's first vocabulary row and the whole vocabulary size,
+    from one all-gather of the slice sizes (slices are held in group-rank order)."""
     import torch.distributed as dist
 
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([vocab_size], dtype=torch.int64, device=device), group=group)
+    sizes = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(sizes, torch.tensor([vocab_size], dtype=torch.int64, device=device), group=group)
+    sizes = sizes.tolist()
     rank = dist.get_rank(group)
-    return int(sum(int(s.item()) for s in sizes[:rank]))
+    return sum(sizes[:rank]), sum(sizes)
 
 
-def _allreduce_lse(lse: torch.Tensor, group) -> torch.Tensor:
+def _combine_shards(lse: torch.Tensor, tgt: torch.Tensor, group):
+    """Whole-vocabulary lse and target logit from per-rank partials: two all-reduces,
+    the max, then the rescaled exp-sums stacked with the target logits (0 off-owner)."""
     import torch.distributed as dist
 
     m = lse.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    partial = torch.exp(lse - m)
-    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
-    return m + torch.log(partial)
+    both = torch.stack([torch.exp(lse - m), tgt])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+    return m + torch.log(both[0]), both[1]
 
 
 class FusedSequenceLogProbs(torch.autograd.Function):
     """``(hidden, weight, bias) -> S``: summed log-probs per sequence, (2B,), float32/64."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend, scratch_bytes, group=None):
+    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend, scratch_bytes, shard: VocabShard | None = None):
         H = hidden.shape[-1]
         acc = accumulation_dtype(hidden.dtype)
         h2d = hidden.reshape(-1, H)
         target = plan.target
-        if group is not None:
-            import torch.distributed as dist
-
-            offset = vocab_offset(weight.shape[0], group, hidden.device)
-            target = target - offset
+        if shard is not None:
+            target = target - shard.offset
             target = torch.where((target >= 0) & (target < weight.shape[0]), target, -1)
         lse, tgt = backend.forward_stats(h2d, weight, bias, plan.flat_idx, target, scratch_bytes, acc)
-        if group is not None:
-            lse = _allreduce_lse(lse, group)
-            dist.all_reduce(tgt, op=dist.ReduceOp.SUM, group=group)
+        if shard is not None:
+            lse, tgt = _combine_shards(lse, tgt, shard.group)
         ctx.save_for_backward(hidden, weight, bias, plan.flat_idx, target, plan.seq_id, lse)
+        group = shard.group if shard is not None else None
         ctx.backend, ctx.scratch_bytes, ctx.group = backend, scratch_bytes, group
         return sequence_sum(tgt - lse, plan)
 
@@ -80,7 +91,10 @@ class FusedSequenceLogProbs(torch.autograd.Function):
         if ctx.group is not None:
             import torch.distributed as dist
 
-            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.group)
+            # Only valid rows carry gradient: reduce those, not the (2B·T, H) tensor.
+            rows = grad_h.index_select(0, flat_idx)
+            dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=ctx.group)
+            grad_h.index_copy_(0, flat_idx, rows)
         if grad_h is not None:
             grad_h = grad_h.view_as(hidden)
         return grad_h, grad_w, grad_b, None, None, None, None

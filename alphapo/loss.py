@@ -28,7 +28,7 @@ from torch import nn
 from ._tokens import accumulation_dtype, plan_tokens
 from ._validation import check_inputs, check_targets
 from . import chunked
-from ._autograd import FusedSequenceLogProbs
+from ._autograd import FusedSequenceLogProbs, VocabShard, vocab_layout
 from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
 from .reference import alphapo_loss_reference, sequence_logprobs_reference
 
@@ -61,7 +61,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, group=None):
+def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard=None):
     """Summed log-probs per sequence (2B,), differentiable, through a fused backend."""
     plan = plan_tokens(target, ignore_index, n_tokens)
     if backend == "torch":
@@ -69,7 +69,7 @@ def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, sc
     else:
         from .kernels import fused as module  # imported lazily: triton is optional
     budget = module.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return FusedSequenceLogProbs.apply(hidden, weight, bias, plan, module, budget, group)
+    return FusedSequenceLogProbs.apply(hidden, weight, bias, plan, module, budget, shard)
 
 
 @torch.no_grad()
@@ -120,11 +120,9 @@ def sequence_logprobs(
         if process_group is not None:
             raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
         return sequence_logprobs_reference(weight, hidden, target, bias, average, ignore_index)
-    vocab_size = _global_vocab_size(weight.shape[0], process_group, hidden.device)
+    vocab_size, shard = _vocab_shard(weight.shape[0], process_group, hidden.device)
     n_tokens = check_targets(target, vocab_size, ignore_index)
-    summed = _fused_sequence_sums(
-        weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, process_group
-    )
+    summed = _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard)
     return summed / n_tokens.to(summed.dtype) if average else summed
 
 
@@ -155,14 +153,12 @@ def alphapo_loss(
     )
 
 
-def _global_vocab_size(vocab_size, group, device):
+def _vocab_shard(vocab_size, group, device):
+    """(whole vocabulary size, VocabShard or None) for this rank's lm-head rows."""
     if group is None:
-        return vocab_size
-    import torch.distributed as dist
-
-    v = torch.tensor([vocab_size], dtype=torch.int64, device=device)
-    dist.all_reduce(v, group=group)
-    return int(v.item())
+        return vocab_size, None
+    offset, total = vocab_layout(vocab_size, group, device)
+    return total, VocabShard(group, offset)
 
 
 def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes, group=None):
@@ -172,10 +168,10 @@ def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig
         if group is not None:
             raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
         return alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg)
-    vocab_size = _global_vocab_size(weight.shape[0], group, hidden.device)
+    vocab_size, shard = _vocab_shard(weight.shape[0], group, hidden.device)
     n_tokens = check_targets(target, vocab_size, cfg.ignore_index)
     seq_sum = _fused_sequence_sums(
-        weight, hidden, target, bias, cfg.ignore_index, backend, scratch_bytes, n_tokens, group
+        weight, hidden, target, bias, cfg.ignore_index, backend, scratch_bytes, n_tokens, shard
     )
     loss, logps, _, rewards_w, rewards_l, nll = preference_loss(seq_sum, n_tokens, cfg, ref_w, ref_l)
     logit_sums = _logit_sums(weight, hidden, target, bias, cfg.ignore_index, n_tokens, group)
@@ -249,7 +245,8 @@ class AlphaPOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        parallel = ", vocab_parallel=True" if self.process_group is not None else ""
         return (
             f"alpha={c.alpha}, beta={c.beta}, gamma={c.gamma}, loss_type={c.loss_type!r}, "
-            f"average_log_prob={c.average_log_prob}, nll_weight={c.nll_weight}, backend={self.backend!r}"
+            f"average_log_prob={c.average_log_prob}, nll_weight={c.nll_weight}, backend={self.backend!r}{parallel}"
         )
