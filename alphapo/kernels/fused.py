@@ -292,7 +292,8 @@ def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes
     need_h, need_w, need_b = needs
     N, (V, H) = flat_idx.numel(), weight.shape
     device, dtype = h2d.device, h2d.dtype
-    grad_h = torch.zeros_like(h2d) if need_h else None
+    # Row-major whatever hidden's strides: _grad_h_kernel writes rows with unit column stride.
+    grad_h = torch.zeros(h2d.shape, dtype=dtype, device=device) if need_h else None
     # Contiguous, whatever weight's strides: each slice's GEMM writes rows [v_lo, v_hi).
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_w else None
     grad_b = torch.empty(bias.shape, dtype=bias.dtype, device=device) if need_b else None
