@@ -61,6 +61,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _autocast(weight, hidden, bias):
+    """Under ``torch.autocast``, run the head in the autocast dtype, as ``F.linear`` would.
+
+    A trainer under bf16 autocast hands over bf16 hidden states and an fp32 (master)
+    lm-head; the cast is differentiable, so gradients reach the fp32 parameters in fp32.
+    """
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return weight, hidden, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return cast(weight), cast(hidden), cast(bias)
+
+
 def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard=None):
     """Summed log-probs per sequence (2B,), differentiable, through a fused backend."""
     plan = plan_tokens(target, ignore_index, n_tokens)
@@ -114,6 +128,7 @@ def sequence_logprobs(
 
     Every row needs at least one valid token; rows need not come in pairs.
     """
+    weight, hidden, bias = _autocast(weight, hidden, bias)
     check_inputs(weight, hidden, target, bias, paired=False)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
@@ -162,6 +177,7 @@ def _vocab_shard(vocab_size, group, device):
 
 
 def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes, group=None):
+    weight, hidden, bias = _autocast(weight, hidden, bias)
     check_inputs(weight, hidden, target, bias, ref_w, ref_l)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
