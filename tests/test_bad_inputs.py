@@ -1,0 +1,287 @@
+"""One test per bad input or option: the exception type, and a message naming the culprit.
+
+A wrong shape, dtype or target id must fail at the API edge with an error that says which
+argument is wrong, never deep inside a GEMM or as a NaN loss. Every input check runs for
+the reference and for the fused backends alike (they share :mod:`alphapo._validation`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alphapo
+from conftest import IGNORE_INDEX, make_batch
+
+BACKENDS = [pytest.param("reference", id="reference"), pytest.param("torch", id="torch")]
+B, T, H, V = 2, 7, 8, 19
+
+
+@pytest.fixture
+def batch():
+    return make_batch(B, T, H, V, torch.float32, seed=41)
+
+
+def call(backend, weight, hidden, target, bias=None, ref_w=None, ref_l=None, **options):
+    return alphapo.alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, backend=backend, **options)
+
+
+# ------------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_number_of_rows(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"hidden must hold an even, non-zero number of rows.*got 3"):
+        call(backend, weight, hidden[:3], target[:3], bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"hidden must hold an even, non-zero number of rows.*got 0"):
+        call(backend, weight, hidden[:0], target[:0], bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_not_three_dimensional(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"hidden must have shape \(2B, T, H\)"):
+        call(backend, weight, hidden.reshape(-1, H), target, bias)
+
+
+@pytest.mark.parametrize(
+    "bad_target",
+    [
+        pytest.param(lambda y: y[:, :-1], id="short-T"),
+        pytest.param(lambda y: y[:2], id="fewer-rows"),
+        pytest.param(lambda y: y.reshape(-1), id="flat"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_shape_mismatch(backend, batch, bad_target):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"target must have shape \(2B, T\)"):
+        call(backend, weight, hidden, bad_target(target), bias)
+
+
+@pytest.mark.parametrize(
+    "bad_weight",
+    [
+        pytest.param(lambda w: w[:, :-1], id="wrong-H"),
+        pytest.param(lambda w: w.t(), id="transposed"),
+        pytest.param(lambda w: w[None], id="3d"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_shape_mismatch(backend, batch, bad_weight):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"lin_weight must have shape \(V, H\)"):
+        call(backend, bad_weight(weight), hidden, target, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_shape_mismatch(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"bias must be None or a tensor of shape \(V,\)"):
+        call(backend, weight, hidden, target, bias[:-1])
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, id="float"), pytest.param(torch.bool, id="bool")]
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_integer_target(backend, batch, dtype):
+    weight, hidden, target, bias = batch
+    with pytest.raises(TypeError, match=r"target must be an integer tensor"):
+        call(backend, weight, hidden, target.clamp(min=0).to(dtype), bias)
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [pytest.param(V, id="V"), pytest.param(10 * V, id="10V"), pytest.param(-1, id="minus1"), pytest.param(IGNORE_INDEX - 1, id="minus101")],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_outside_vocabulary(backend, batch, bad_id):
+    weight, hidden, target, bias = batch
+    target = target.clone()
+    target[1, -1] = bad_id  # a padding position of row 1 or a valid one: either way not ignore_index
+    with pytest.raises(ValueError, match=rf"target holds ids outside \[0, V\) = \[0, {V}\).*\[{bad_id}\]"):
+        call(backend, weight, hidden, target, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_ignore_index_is_a_bad_id_under_another_ignore_index(backend, batch):
+    """With ``ignore_index=-1``, a leftover -100 is an out-of-range id, not padding."""
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"target holds ids outside .*ignore_index \(-1\)"):
+        call(backend, weight, hidden, target, bias, ignore_index=-1)
+
+
+@pytest.mark.parametrize("row", [pytest.param(0, id="chosen"), pytest.param(2 * B - 1, id="rejected")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_with_every_target_ignored(backend, batch, row):
+    weight, hidden, target, bias = batch
+    target = target.clone()
+    target[row] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=rf"target rows \[{row}\] have no valid tokens"):
+        call(backend, weight, hidden, target, bias)
+
+
+@pytest.mark.parametrize(
+    "which, match",
+    [
+        pytest.param("weight", r"lin_weight dtype torch.float64 must match hidden dtype torch.float32", id="weight"),
+        pytest.param("bias", r"bias dtype torch.float64 must match hidden dtype torch.float32", id="bias"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatched_dtypes(backend, batch, which, match):
+    weight, hidden, target, bias = batch
+    if which == "weight":
+        weight = weight.double()
+    else:
+        bias = bias.double()
+    with pytest.raises(TypeError, match=match):
+        call(backend, weight, hidden, target, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_hidden(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(TypeError, match=r"hidden must be a floating tensor"):
+        call(backend, weight.long(), hidden.long(), target, None)
+
+
+@pytest.mark.parametrize("which", ["hidden", "lin_weight", "target", "bias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatched_devices(backend, batch, which):
+    """One input on the "meta" device (no GPU needed): refused before any computation.
+    The message lists the devices found (it does not name the argument)."""
+    weight, hidden, target, bias = batch
+    args = dict(hidden=hidden, lin_weight=weight, target=target, bias=bias)
+    args[which] = args[which].to("meta")
+    with pytest.raises(ValueError, match=r"all inputs must be on one device, got \['cpu', 'meta'\]"):
+        call(backend, args["lin_weight"], args["hidden"], args["target"], args["bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_logps_on_another_device(backend, batch):
+    weight, hidden, target, bias = batch
+    ref = torch.zeros(B, device="meta")
+    with pytest.raises(ValueError, match=r"one device"):
+        call(backend, weight, hidden, target, bias, ref, torch.zeros(B))
+
+
+@pytest.mark.parametrize(
+    "which, shape",
+    [
+        pytest.param("ref_chosen_logps", (B + 1,), id="chosen-too-long"),
+        pytest.param("ref_rejected_logps", (B, 1), id="rejected-2d"),
+        pytest.param("ref_chosen_logps", (2 * B,), id="chosen-all-rows"),
+        pytest.param("ref_rejected_logps", (), id="rejected-scalar"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_logps_of_the_wrong_shape(backend, batch, which, shape):
+    weight, hidden, target, bias = batch
+    refs = {"ref_chosen_logps": torch.zeros(B), "ref_rejected_logps": torch.zeros(B)}
+    refs[which] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=rf"{which} must be a tensor of shape \(B,\) = \({B},\)"):
+        call(backend, weight, hidden, target, bias, refs["ref_chosen_logps"], refs["ref_rejected_logps"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_one_reference_logps(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"ref_chosen_logps and ref_rejected_logps must be given together"):
+        call(backend, weight, hidden, target, bias, torch.zeros(B), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_reference_logps(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(TypeError, match=r"ref_chosen_logps must be a floating tensor"):
+        call(backend, weight, hidden, target, bias, torch.zeros(B, dtype=torch.long), torch.zeros(B))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_not_a_tensor(backend, batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(TypeError, match=r"target must be a torch.Tensor, got list"):
+        call(backend, weight, hidden, target.tolist(), bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logprobs_checks_its_inputs_too(backend, batch):
+    """sequence_logprobs takes any row count but the same checks otherwise."""
+    weight, hidden, target, bias = batch
+    out = alphapo.sequence_logprobs(hidden[:3], weight, target[:3], bias, backend=backend)
+    assert out.shape == (3,)
+    bad = target.clone()
+    bad[0] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"target rows \[0\] have no valid tokens"):
+        alphapo.sequence_logprobs(hidden, weight, bad, bias, backend=backend)
+    with pytest.raises(ValueError, match=r"lin_weight must have shape \(V, H\)"):
+        alphapo.sequence_logprobs(hidden, weight[:, :-1], target, bias, backend=backend)
+
+
+# ----------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        pytest.param(dict(loss_type="dpo"), ValueError, r"loss_type must be one of .*'dpo'", id="unknown-loss-type"),
+        pytest.param(dict(beta=0.0), ValueError, r"beta must be > 0, got 0", id="beta-zero"),
+        pytest.param(dict(beta=-1.0), ValueError, r"beta must be > 0, got -1", id="beta-negative"),
+        pytest.param(dict(label_smoothing=-0.1), ValueError, r"label_smoothing must lie in \[0, 0.5\]", id="smoothing-negative"),
+        pytest.param(dict(label_smoothing=0.6), ValueError, r"label_smoothing must lie in \[0, 0.5\]", id="smoothing-above-half"),
+        pytest.param(dict(nll_weight=-0.5), ValueError, r"nll_weight must be >= 0", id="nll-weight-negative"),
+        pytest.param(dict(alpha=float("nan")), ValueError, r"alpha must be a finite number", id="alpha-nan"),
+        pytest.param(dict(gamma=float("inf")), ValueError, r"gamma must be a finite number", id="gamma-inf"),
+        pytest.param(dict(ignore_index=-100.0), ValueError, r"ignore_index must be an int", id="float-ignore-index"),
+        pytest.param(dict(backend="cuda"), ValueError, r"backend must be one of .*'cuda'", id="unknown-backend"),
+        pytest.param(dict(scratch_bytes=0), ValueError, r"scratch_bytes must be a positive byte count", id="scratch-zero"),
+    ],
+)
+def test_bad_options_rejected_by_the_module(options, error, match):
+    """``AlphaPOLoss(...)`` refuses a bad option when it is built, before any data."""
+    with pytest.raises(error, match=match):
+        alphapo.AlphaPOLoss(**options)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        pytest.param(dict(loss_type="simpo"), r"loss_type must be one of", id="unknown-loss-type"),
+        pytest.param(dict(beta=0.0), r"beta must be > 0", id="beta-zero"),
+        pytest.param(dict(label_smoothing=1.0), r"label_smoothing must lie in \[0, 0.5\]", id="smoothing"),
+        pytest.param(dict(backend="jax"), r"backend must be one of", id="unknown-backend"),
+    ],
+)
+def test_bad_options_rejected_by_the_function(batch, options, match):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=match):
+        alphapo.alphapo_loss(weight, hidden, target, bias, **options)
+
+
+def test_sequence_logprobs_unknown_backend(batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        alphapo.sequence_logprobs(hidden, weight, target, bias, backend="fast")
+
+
+def test_triton_backend_refuses_cpu_tensors(batch, monkeypatch):
+    """Outside the interpreter the Triton backend needs CUDA, and says what to use instead."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    weight, hidden, target, bias = batch
+    with pytest.raises(RuntimeError, match=r'backend="triton" runs on CUDA tensors.*backend="torch"'):
+        alphapo.alphapo_loss(weight, hidden, target, bias, backend="triton")
+
+
+def test_process_group_needs_a_fused_backend(batch):
+    weight, hidden, target, bias = batch
+    with pytest.raises(ValueError, match=r"process_group .* needs backend"):
+        alphapo.alphapo_loss(weight, hidden, target, bias, backend="reference", process_group=object())
