@@ -37,14 +37,14 @@ def check_inputs(weight, hidden, target, bias=None, ref_chosen_logps=None, ref_r
         raise TypeError(f"hidden must be a floating tensor in {FLOAT_DTYPES}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"lin_weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    devices = {hidden.device, weight.device, target.device}
+    devices = {"hidden": hidden.device, "lin_weight": weight.device, "target": target.device}
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must be None or a tensor of shape (V,) = ({V},), got {shape}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-        devices.add(bias.device)
+        devices["bias"] = bias.device
     B = rows // 2
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together")
@@ -56,9 +56,10 @@ def check_inputs(weight, hidden, target, bias=None, ref_chosen_logps=None, ref_r
             raise ValueError(f"{name} must be a tensor of shape (B,) = ({B},), got {shape}")
         if not ref.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {ref.dtype}")
-        devices.add(ref.device)
-    if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+        devices[name] = ref.device
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {where}")
     return B, T, H, V
 
 

@@ -8,8 +8,9 @@ CPU (and anywhere torch runs). Over the N valid tokens (rows ``flat_idx`` of ``h
     backward_grads:  for each chunk:  recompute z;  dz = coef (onehot(y) - exp(z - lse))
                          grad_h[c] = dz W;  grad_W += dz^T h_c;  grad_b += sum(dz)
 
-A chunk holds ``scratch_bytes // (V * 4)`` tokens (at least one), so the live logits never
-exceed ``scratch_bytes`` (plus the dtype copy of one chunk for half-precision inputs).
+A chunk holds ``scratch_bytes // (V * itemsize)`` tokens (at least one; itemsize of the
+float32 or float64 accumulation), so the live logits never exceed ``scratch_bytes`` (plus
+the input-dtype product of one chunk for half-precision inputs).
 ``grad_W`` accumulates in float32 (a V×H buffer for half-precision weights; the Triton
 backend avoids it). A target of -1 matches no vocabulary row: that is how a
 vocabulary-parallel rank marks tokens whose target another rank owns.
@@ -22,8 +23,10 @@ import torch
 DEFAULT_SCRATCH_BYTES = 64 * 2**20
 
 
-def _chunk_rows(vocab_size: int, scratch_bytes: int) -> int:
-    return max(1, int(scratch_bytes) // (vocab_size * 4))
+def _chunk_rows(vocab_size: int, scratch_bytes: int, acc_dtype: torch.dtype) -> int:
+    """Tokens per chunk: one chunk of logits in the accumulation dtype fits scratch_bytes."""
+    itemsize = torch.empty((), dtype=acc_dtype).element_size()
+    return max(1, int(scratch_bytes) // (vocab_size * itemsize))
 
 
 def _logits(h, weight, bias, acc_dtype):
@@ -36,7 +39,7 @@ def _logits(h, weight, bias, acc_dtype):
 def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype):
     """Per valid token: ``lse = logsumexp(z)`` and ``tgt = z[target]`` (0 for target -1)."""
     N = flat_idx.numel()
-    step = _chunk_rows(weight.shape[0], scratch_bytes)
+    step = _chunk_rows(weight.shape[0], scratch_bytes, acc_dtype)
     lse = torch.empty(N, dtype=acc_dtype, device=h2d.device)
     tgt = torch.empty(N, dtype=acc_dtype, device=h2d.device)
     for start in range(0, N, step):
@@ -57,7 +60,7 @@ def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes
     """
     need_h, need_w, need_b = needs
     acc = lse.dtype
-    step = _chunk_rows(weight.shape[0], scratch_bytes)
+    step = _chunk_rows(weight.shape[0], scratch_bytes, acc)
     grad_h = torch.zeros_like(h2d) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None

@@ -67,12 +67,23 @@ def _autocast(weight, hidden, bias):
     A trainer under bf16 autocast hands over bf16 hidden states and an fp32 (master)
     lm-head; the cast is differentiable, so gradients reach the fp32 parameters in fp32.
     """
-    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
-    if not torch.is_autocast_enabled(device_type):
+    if not isinstance(hidden, torch.Tensor):
         return weight, hidden, bias
+    try:
+        enabled = torch.is_autocast_enabled(hidden.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta"): no autocast there
+        return weight, hidden, bias
+    if not enabled:
+        return weight, hidden, bias
+    device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     return cast(weight), cast(hidden), cast(bias)
+
+
+def _check_scratch(scratch_bytes):
+    if scratch_bytes is not None and (isinstance(scratch_bytes, bool) or not isinstance(scratch_bytes, int) or scratch_bytes <= 0):
+        raise ValueError(f"scratch_bytes must be a positive byte count or None, got {scratch_bytes!r}")
 
 
 def _fused_sequence_sums(weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard=None):
@@ -128,6 +139,7 @@ def sequence_logprobs(
 
     Every row needs at least one valid token; rows need not come in pairs.
     """
+    _check_scratch(scratch_bytes)
     weight, hidden, bias = _autocast(weight, hidden, bias)
     check_inputs(weight, hidden, target, bias, paired=False)
     backend = resolve_backend(backend, hidden.device)
@@ -177,6 +189,7 @@ def _vocab_shard(vocab_size, group, device):
 
 
 def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes, group=None):
+    _check_scratch(scratch_bytes)
     weight, hidden, bias = _autocast(weight, hidden, bias)
     check_inputs(weight, hidden, target, bias, ref_w, ref_l)
     backend = resolve_backend(backend, hidden.device)
@@ -247,8 +260,7 @@ class AlphaPOLoss(nn.Module):
         )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if scratch_bytes is not None and scratch_bytes <= 0:
-            raise ValueError(f"scratch_bytes must be a positive byte count or None, got {scratch_bytes}")
+        _check_scratch(scratch_bytes)
         self.backend = backend
         self.scratch_bytes = scratch_bytes
         self.process_group = process_group

@@ -156,12 +156,12 @@ def test_integer_hidden(backend, batch):
 @pytest.mark.parametrize("which", ["hidden", "lin_weight", "target", "bias"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mismatched_devices(backend, batch, which):
-    """One input on the "meta" device (no GPU needed): refused before any computation.
-    The message lists the devices found (it does not name the argument)."""
+    """One input on the "meta" device (no GPU needed): refused before any computation,
+    with the message naming the argument that sits on it."""
     weight, hidden, target, bias = batch
     args = dict(hidden=hidden, lin_weight=weight, target=target, bias=bias)
     args[which] = args[which].to("meta")
-    with pytest.raises(ValueError, match=r"all inputs must be on one device, got \['cpu', 'meta'\]"):
+    with pytest.raises(ValueError, match=rf"all inputs must be on one device, got .*{which} on meta"):
         call(backend, args["lin_weight"], args["hidden"], args["target"], args["bias"])
 
 
