@@ -35,7 +35,10 @@ def test_kernels_compile_for(capability):
     assert run.returncode == 0, run.stderr[-3000:]
     reports = json.loads(run.stdout.strip().splitlines()[-1])
     kernels = {(r["kernel"], r["dtype"]) for r in reports}
-    assert kernels == {(k, d) for k in ("fwd", "dz", "grad_h") for d in ("bf16", "fp16", "fp32")}
+    expected = {(k, d) for k in ("fwd", "dz", "grad_h") for d in ("bf16", "fp16", "fp32")}
+    if capability >= 90:  # the TMA persistent forward, 16-bit inputs
+        expected |= {("fwd_tma", "bf16"), ("fwd_tma", "fp16")}
+    assert kernels == expected
     for r in reports:
         what = f"{r['kernel']} {r['dtype']} sm_{capability} {r['constexprs']} {r['config']}"
         assert r["spill_bytes"] == 0, f"{what}: {r['spill_bytes']} bytes of register spills"
@@ -44,3 +47,5 @@ def test_kernels_compile_for(capability):
             assert r["mma"], f"{what}: no tensor-core instruction in the PTX"
             if capability >= 90:
                 assert r["wgmma"], f"{what}: no wgmma on Hopper"
+        if r["kernel"] == "fwd_tma":
+            assert r["tma"], f"{what}: no TMA bulk tensor copy in the PTX"

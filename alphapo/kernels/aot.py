@@ -55,6 +55,15 @@ def _signatures(dtype: torch.dtype, family: str):
             "stride_dzn": "i32:16", "stride_dbn": "i32:16",
         }, dict(HAS_BIAS=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
                 DOT_PRECISION=precision), c
+    if family == "sm90" and dtype != torch.float32:  # TMA forward: Hopper+, 16-bit inputs
+        c = cfgs["fwd_tma"]
+        yield "fwd_tma", fused._lse_fwd_tma_kernel, {
+            "h_desc": f"tensordesc<{t}[{c.block_m},{c.block_k}]>",
+            "w_desc": f"tensordesc<{t}[{c.block_n},{c.block_k}]>",
+            "b_ptr": p, "y_ptr": "*i64:16", "m_ptr": "*fp32:16", "l_ptr": "*fp32:16", "tgt_ptr": "*fp32:16",
+            "N": "i32", "V": "i32", "H": "i32:16", "V_PER_SPLIT": "i32:16", "ROW_BLOCKS": "i32", "ITEMS": "i32",
+        }, dict(HAS_BIAS=True, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k, NUM_PROGRAMS=132,
+                DOT_PRECISION=precision), c
     c = cfgs["grad_h"]
     # (first, not last) stores the float32 accumulator, (not first, last) loads it and
     # writes grad_hidden: between them every code path of the kernel.
@@ -134,6 +143,7 @@ def compile_all(capability: int = 90, dtypes=(torch.bfloat16, torch.float16, tor
                 "shared_limit": SHARED_LIMIT.get(capability, 99 * 1024),
                 "wgmma": "wgmma" in ptx,
                 "mma": bool(re.search(r"\bmma\.sync", ptx)) or "wgmma" in ptx,
+                "tma": "cp.async.bulk.tensor" in ptx,
                 **_ptxas_report(ptx, capability),
             })
     return reports

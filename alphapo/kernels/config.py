@@ -36,7 +36,17 @@ class LaunchConfig(NamedTuple):
     num_stages: int
 
 
-KERNELS = ("fwd", "dz", "grad_h")
+KERNELS = ("fwd", "fwd_tma", "dz", "grad_h")
+
+# Which forward kernel each family runs: the pointer-based one everywhere until the TMA
+# persistent kernel is measured against it on a lent Hopper GPU (GPU performance issue I);
+# ALPHAPO_FWD_IMPL=tma selects it for that measurement.
+FWD_IMPL = {"sm90": "pointer", "sm80": "pointer", "interpreter": "pointer"}
+# Forward work items per SM: a plain grid leaves balancing to the hardware scheduler (2
+# waves); a persistent grid loops over items itself, and a whole split per item makes the
+# last wave's imbalance cost ~1/(2·waves) on average, hence more, smaller items.
+GRID_WAVES = 2
+PERSISTENT_WAVES = 8
 
 # (family, dtype class) -> kernel -> config
 CONFIGS: dict[tuple[str, str], dict[str, LaunchConfig]] = {

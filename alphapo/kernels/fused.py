@@ -45,7 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import LaunchConfig, launch_config
+from .config import FWD_IMPL, GRID_WAVES, PERSISTENT_WAVES, LaunchConfig, gpu_family, launch_config
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton keeps the pointer forward
+    TensorDescriptor = None
 
 # dz slice budget: at the Llama-3-8B head with 16,384 bf16 tokens this is a slice of
 # 6,144 columns (21 slices); with the 256 MiB float32 grad_h accumulator the backward's
@@ -85,6 +90,18 @@ def _logit_tile(
 
 
 @triton.jit
+def _online_lse(z, offs_v, mask_v, y, m_i, l_i, tgt):
+    """Fold one float32 logit tile into the running max m_i, Σ exp(z - m_i) l_i and the
+    target logit (columns outside ``mask_v`` are padding)."""
+    z = tl.where(mask_v[None, :], z, float("-inf"))
+    # Every split holds >= 1 column, so m_new is finite from the first tile on.
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+    return m_new, l_i, tgt
+
+
+@triton.jit
 def _lse_fwd_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr,
@@ -118,17 +135,61 @@ def _lse_fwd_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
         )
-        z = tl.where(mask_v[None, :], z, float("-inf"))
-        # Every split holds >= 1 column, so m_new is finite from the first tile on.
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
-        tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        m_i, l_i, tgt = _online_lse(z, offs_v, mask_v, y, m_i, l_i, tgt)
 
     out = pid_s * N + offs_n
     tl.store(m_ptr + out, m_i, mask=mask_n)
     tl.store(l_ptr + out, l_i, mask=mask_n)
     tl.store(tgt_ptr + out, tgt, mask=mask_n)
+
+
+@triton.jit
+def _lse_fwd_tma_kernel(
+    # tensor descriptors (TMA) and pointers
+    h_desc, w_desc, b_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr,
+    # sizes
+    N, V, H, V_PER_SPLIT, ROW_BLOCKS, ITEMS,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The forward as a persistent kernel over TMA tensor descriptors (sm_90 and newer).
+
+    Same work items as ``_lse_fwd_kernel`` — (token block, vocabulary split), token block
+    fastest so that programs running side by side sweep the same weight tiles out of L2 —
+    but ``NUM_PROGRAMS`` programs (one per SM) loop over them, and tiles arrive through
+    the copy engine from a compacted, contiguous ``hidden`` (N × H). DESIGN.md §3 measured
+    this structure at 1.01× cuBLAS on the lm-head GEMM where the pointer loop reached
+    0.81–0.85×. TMA fills out-of-bounds rows and columns with zeros.
+    """
+    pid = tl.program_id(0)
+    for item in range(pid, ITEMS, NUM_PROGRAMS):
+        pid_n = item % ROW_BLOCKS
+        pid_s = item // ROW_BLOCKS
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int32)
+        m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        v_start = pid_s * V_PER_SPLIT
+        v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                a = h_desc.load([n0, h0])
+                b = w_desc.load([v0, h0])
+                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < v_end
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+            m_i, l_i, tgt = _online_lse(acc, offs_v, mask_v, y, m_i, l_i, tgt)
+        out = pid_s * N + offs_n
+        tl.store(m_ptr + out, m_i, mask=mask_n)
+        tl.store(l_ptr + out, l_i, mask=mask_n)
+        tl.store(tgt_ptr + out, tgt, mask=mask_n)
 
 
 @triton.jit
@@ -238,20 +299,40 @@ def _check(h2d, weight):
         raise RuntimeError('backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1); use backend="torch"')
 
 
-def _num_programs_target(device: torch.device) -> int:
-    """Programs wanted in the forward grid: two waves over the SMs."""
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: small, but enough for a persistent loop of several items
 
 
-def _vocab_splits(N: int, V: int, cfg: LaunchConfig, device) -> tuple[int, int]:
-    """(V_PER_SPLIT, splits): enough (token block × split) programs to fill the GPU."""
+def _vocab_splits(N: int, V: int, cfg: LaunchConfig, waves: int, device) -> tuple[int, int]:
+    """(V_PER_SPLIT, splits): about ``waves`` × SMs (token block × split) work items, so a
+    small token count still fills the GPU; each split holds whole vocabulary tiles."""
     row_blocks = triton.cdiv(N, cfg.block_m)
     max_splits = triton.cdiv(V, cfg.block_n)
-    splits = min(max_splits, max(1, triton.cdiv(_num_programs_target(device), row_blocks)))
+    splits = min(max_splits, max(1, triton.cdiv(waves * _sm_count(device), row_blocks)))
     v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_n) * cfg.block_n
     return v_per_split, triton.cdiv(V, v_per_split)
+
+
+def _use_tma(h2d, weight, device) -> bool:
+    """The TMA forward needs 16-bit inputs, descriptors (Triton >= 3.4 on sm_90+, or the
+    interpreter), a row-major weight and 16-byte-aligned rows; ALPHAPO_FWD_IMPL=tma|pointer
+    overrides the family default."""
+    choice = os.environ.get("ALPHAPO_FWD_IMPL") or FWD_IMPL.get(gpu_family(device), "pointer")
+    if choice not in ("tma", "pointer"):
+        raise ValueError(f"ALPHAPO_FWD_IMPL must be 'tma' or 'pointer', got {choice!r}")
+    # float32 products run on the FMA units, where TMA buys nothing (and the tile spills).
+    if choice == "pointer" or TensorDescriptor is None or h2d.dtype == torch.float32:
+        return False
+    aligned = (weight.shape[1] * weight.element_size()) % 16 == 0
+    return aligned and weight.stride(1) == 1 and weight.stride(0) == weight.shape[1]
+
+
+def _partials(m, l, tgt):
+    """Exact combination of the splits' partial log-sum-exps: O(splits · N), negligible."""
+    m_max = m.max(dim=0).values
+    return m_max + torch.log((l * torch.exp(m - m_max)).sum(dim=0)), tgt.sum(dim=0)
 
 
 def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype):
@@ -259,26 +340,46 @@ def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype)
     _check(h2d, weight)
     N, (V, H) = flat_idx.numel(), weight.shape
     device = h2d.device
-    lse = torch.empty(N, dtype=torch.float32, device=device)
     if N == 0:
-        return lse, lse.clone()
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty.clone()
+    precision = _dot_precision(h2d.dtype)
+    b_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
+    if _use_tma(h2d, weight, device):
+        cfg = launch_config(device, h2d.dtype, "fwd_tma")
+        v_per_split, splits = _vocab_splits(N, V, cfg, PERSISTENT_WAVES, device)
+        m, l, tgt = (torch.empty((splits, N), dtype=torch.float32, device=device) for _ in range(3))
+        h_valid = _compact_rows(h2d, flat_idx)
+        row_blocks = triton.cdiv(N, cfg.block_m)
+        items = row_blocks * splits
+        programs = min(items, _sm_count(device))
+        _lse_fwd_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(h_valid, [cfg.block_m, cfg.block_k]),
+            TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]),
+            b_arg, target, m, l, tgt,
+            N, V, H, v_per_split, row_blocks, items,
+            HAS_BIAS=bias is not None, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+            NUM_PROGRAMS=programs, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return _partials(m, l, tgt)
     cfg = launch_config(device, h2d.dtype, "fwd")
-    v_per_split, splits = _vocab_splits(N, V, cfg, device)
-    m = torch.empty((splits, N), dtype=torch.float32, device=device)
-    l = torch.empty_like(m)
-    tgt = torch.empty_like(m)
-    grid = (triton.cdiv(N, cfg.block_m), splits)
-    _lse_fwd_kernel[grid](
-        h2d, weight, bias if bias is not None else weight, flat_idx, target, m, l, tgt,
+    v_per_split, splits = _vocab_splits(N, V, cfg, GRID_WAVES, device)
+    m, l, tgt = (torch.empty((splits, N), dtype=torch.float32, device=device) for _ in range(3))
+    _lse_fwd_kernel[(triton.cdiv(N, cfg.block_m), splits)](
+        h2d, weight, b_arg, flat_idx, target, m, l, tgt,
         N, V, H, v_per_split,
         h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
-        DOT_PRECISION=_dot_precision(h2d.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # Exact combination of the splits' partial log-sum-exps: O(splits · N), negligible.
-    m_max = m.max(dim=0).values
-    lse = m_max + torch.log((l * torch.exp(m - m_max)).sum(dim=0))
-    return lse, tgt.sum(dim=0)
+    return _partials(m, l, tgt)
+
+
+def _compact_rows(h2d, flat_idx):
+    """The valid rows as one contiguous (N, H) tensor: a view when every row is valid."""
+    if flat_idx.numel() == h2d.shape[0] and h2d.is_contiguous():
+        return h2d
+    return h2d.index_select(0, flat_idx)
 
 
 def slice_columns(N: int, V: int, itemsize: int, scratch_bytes: int, block: int) -> int:
@@ -308,10 +409,7 @@ def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes
     row_blocks = triton.cdiv(N, cfg.block_m)
     db = torch.empty((row_blocks, V_s), dtype=torch.float32, device=device) if need_b else None
     # Compacted hidden rows for the grad_W GEMM: a view when every token is valid.
-    h_valid = None
-    if need_w:
-        all_valid = N == h2d.shape[0]
-        h_valid = h2d if all_valid else h2d.index_select(0, flat_idx)
+    h_valid = _compact_rows(h2d, flat_idx) if need_w else None
     acc = torch.empty((N, H), dtype=torch.float32, device=device) if need_h and n_slices > 1 else None
     precision = _dot_precision(dtype)
     for s in range(n_slices):
