@@ -95,7 +95,11 @@ def profile_shape(name, H, V, N, dtype, device) -> dict:
     rec = {"shape": name, "H": H, "V": V, "N": N, "dtype": str(dtype).replace("torch.", "")}
     rec["gemm_ms"] = gemm = _timer(lambda: h @ w.t())
     rec["fwd"] = {}
-    for impl, variants in FWD_VARIANTS.items():
+    variants_by_impl = FWD_VARIANTS
+    if not h.is_cuda:  # the interpreter: one small tile per forward, enough for a smoke test
+        tile = C.CONFIGS[("interpreter", C.dtype_class(dtype))]["fwd"]
+        variants_by_impl = {impl: [tile] for impl in FWD_VARIANTS}
+    for impl, variants in variants_by_impl.items():
         kernel = "fwd_tma" if impl == "tma" else "fwd"
         for cfg in variants:
             key = f"{impl}/{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}/s{cfg.num_stages}"
