@@ -40,7 +40,7 @@ GPU_SHAPES = [
     ("gemma2-2b-ragged", 2304, 256000, 6554),
     ("qwen2.5-0.5b-ragged", 896, 151936, 6554),
 ]
-CPU_SHAPES = [("tiny", 64, 500, 48)]
+CPU_SHAPES = [("tiny", 32, 100, 20)]
 
 # Tile variants worth a look on Hopper (block_m, block_n, block_k, warps, stages).
 FWD_VARIANTS = {
