@@ -25,6 +25,33 @@ from typing import Callable
 import pytest
 import torch
 
+
+def _import_triton_for_the_interpreter():
+    """Without CUDA, import Triton (and our kernels) once with ``TRITON_INTERPRET=1`` set.
+
+    ``@triton.jit`` picks the interpreter at decoration time, Triton's own library
+    functions included: a Triton first imported without the variable leaves JIT-compiled
+    library functions that the interpreter cannot call ("Cannot call @triton.jit'd outside
+    of the scope of a kernel"), whatever is set later. The variable is restored at once,
+    so tests still see the environment they set themselves (see tests/triton_interp.py).
+    """
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+
+        import alphapo.kernels.fused  # noqa: F401
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_for_the_interpreter()
+
 IGNORE_INDEX = -100
 
 # Norm-wise relative tolerances against a float64 reference (see ``rel_err``). float64
