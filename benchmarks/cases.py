@@ -104,7 +104,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.shape}-{self.B}x{self.T}-{self.mask}-{self.logits}"
+        tag = "" if self.group == "main" else f"-{self.group}"
+        return f"{self.shape}-{self.B}x{self.T}-{self.mask}-{self.logits}{tag}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -345,7 +346,7 @@ def preset_cases(preset: str) -> list[Case]:
         rest = _grid(others, [(4, 2048)], [v for v in VARIANTS if v not in KEY_VARIANTS])
         return first + second + sweep + small + rest
     if preset == "full":
-        return _grid(REAL_SHAPES, [(4, 2048), (2, 1024)], VARIANTS) + _sweep("llama3-8b", 2048, (1, 2, 4, 8, 16, 32))
+        return _grid(REAL_SHAPES, [(4, 2048), (2, 1024)], VARIANTS) + _sweep("llama3-8b", 2048, (1, 2, 8, 16, 32))
     if preset == "smoke":
         return [Case("tiny", 2, 16, "ragged", "peaked"), Case("tiny", 1, 16, "full", "flat", group="sweep", accuracy=False)]
     raise ValueError(f"unknown preset {preset!r}; known: {PRESETS}")

@@ -17,6 +17,7 @@ from ``build``; the harness turns that into a record with ``status="skipped"``.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,7 +118,8 @@ def _build_alphapo(backend: str, alpha: float, opts: BuildOptions) -> LossFn:
     from alphapo import AlphaPOLoss
 
     if backend == "triton":
-        if opts.device.type != "cuda":
+        # TRITON_INTERPRET=1 runs the kernels on CPU (slowly): for tests, never for timings.
+        if opts.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Unavailable("needs CUDA: the Triton backend runs on GPU tensors")
         try:
             import alphapo.kernels.fused  # noqa: F401
