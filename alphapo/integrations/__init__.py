@@ -1,0 +1,5 @@
+"""Integrations of the fused AlphaPO loss with other trainers (imported on demand).
+
+* :mod:`alphapo.integrations.trl`: :class:`~alphapo.integrations.trl.AlphaPOCPOTrainer`,
+  TRL's CPO/AlphaPO trainer with the loss computed from hidden states (needs ``trl``).
+"""
