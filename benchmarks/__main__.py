@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="print the cases and providers, then exit")
+    p.add_argument("--render", metavar="JSON", help="only rebuild the .md and .png beside a results JSON")
     return p.parse_args(argv)
 
 
@@ -134,6 +135,11 @@ class _Progress:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        paths = report.write_all(report.load(path), path.parent, path.stem, plot_png=not args.no_plot, raw=False)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     opts, cases = resolve(args, argv)
     if args.list:
         for c in cases:

@@ -69,7 +69,13 @@ def _git(*args) -> str | None:
 
 
 def commit_id() -> str:
-    """Short HEAD hash, "+dirty" when tracked files differ from it; "unknown" outside git."""
+    """Short HEAD hash, "+dirty" when tracked files differ from it; "unknown" outside git.
+
+    ``ALPHAPO_COMMIT`` overrides it: a copy of the tree without ``.git`` (a lent GPU
+    machine's) still records which commit it measured.
+    """
+    if os.environ.get("ALPHAPO_COMMIT"):
+        return os.environ["ALPHAPO_COMMIT"]
     head = _git("rev-parse", "--short=12", "HEAD")
     if not head:
         return "unknown"
@@ -282,9 +288,7 @@ def gpu_peak_bytes(fn, device):
 def time_floor(batch, n_valid: int, device: torch.device) -> float:
     """4 × the time of one (n_valid × H)·(H × V) GEMM in the batch's dtype, in ms."""
     H = batch.hidden.shape[-1]
-    a = batch.hidden.reshape(-1, H)[: max(1, n_valid)]
-    if a.shape[0] < n_valid:  # never: n_valid ≤ 2B·T rows
-        raise AssertionError
+    a = batch.hidden.reshape(-1, H)[: max(1, n_valid)]  # n_valid ≤ 2B·T rows: any n_valid of them
     b = batch.weight.t()
     fn = lambda: torch.mm(a, b)  # noqa: E731
     fn()
@@ -304,6 +308,18 @@ class Reference:
     loss: torch.Tensor  # 0-d, accumulation dtype
     grad_h: torch.Tensor  # like hidden
     grad_w: torch.Tensor  # like weight
+
+
+def _set_tf32(enabled):
+    """Set cuBLAS TF32 for float32 GEMMs; returns the previous setting (None: untouched)."""
+    if enabled is None:
+        return None
+    try:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        return previous
+    except (RuntimeError, AttributeError):  # torch versions that refuse the legacy flag
+        return None
 
 
 @torch.no_grad()
@@ -328,8 +344,7 @@ def accuracy_reference(weight, hidden, target, alphas, acc_dtype, chunk_bytes: i
     seq = torch.div(idx, T, rounding_mode="floor")
     n_tok = torch.bincount(seq, minlength=rows).double()
     step = max(1, chunk_bytes // (V * torch.finfo(acc_dtype).bits // 8))
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = _set_tf32(False)
     try:
         S = torch.zeros(rows, dtype=torch.float64, device=weight.device)
         lse = torch.empty(idx.numel(), dtype=acc_dtype, device=weight.device)
@@ -359,7 +374,7 @@ def accuracy_reference(weight, hidden, target, alphas, acc_dtype, chunk_bytes: i
                 out[alpha].grad_w.addmm_(dz.t(), c * hc)
             del dz, G
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        _set_tf32(tf32)
     for r in out.values():
         r.grad_h = r.grad_h.view(hidden.shape)
     return out
@@ -564,7 +579,7 @@ def _run_in_process(cases, opts, deadline) -> list[dict]:
     records: list[dict] = []
     build = P.BuildOptions(opts.device, opts.dtype, opts.scratch_bytes)
     fn_cache: dict = {}
-    oom_at: dict[str, int] = {}  # provider -> fewest tokens at which it ran out of memory
+    oom_at: dict[tuple[str, str], int] = {}  # (provider, head) -> fewest positions at which it ran out of memory
     for case in cases:
         names = providers_for(case, opts.providers)
         if not _budget_left(deadline):
@@ -573,8 +588,9 @@ def _run_in_process(cases, opts, deadline) -> list[dict]:
         batch, info, refs = prepare_case(case, opts)
         for name in names:
             rec = base_record(case, name, opts, info["n_valid"])
-            if name in oom_at and case.N >= oom_at[name]:
-                result = {"status": "oom", "reason": f"not run: out of memory already at N={oom_at[name]} positions"}
+            key = (name, case.shape)
+            if key in oom_at and case.N >= oom_at[key]:
+                result = {"status": "oom", "reason": f"not run: out of memory already at N={oom_at[key]} positions"}
             elif not _budget_left(deadline):
                 result = {"status": "skipped", "reason": _budget_reason(opts)}
             else:
@@ -583,7 +599,7 @@ def _run_in_process(cases, opts, deadline) -> list[dict]:
                     name, build, fn_cache, batch.weight, batch.hidden, batch.target, ref, opts.cpu_budget_s
                 )
                 if result["status"] == "oom":
-                    oom_at[name] = min(case.N, oom_at.get(name, case.N))
+                    oom_at[key] = min(case.N, oom_at.get(key, case.N))
             _emit(opts, finish_record(rec, result, info), records)
         del batch, refs
         gc.collect()
@@ -680,9 +696,19 @@ def _run_worker(spec: dict, spec_path: Path, on_result) -> tuple[int, str]:
     return proc.returncode, log.read_text()[-1000:].strip()
 
 
+def _die_with_parent():
+    """Linux: end this worker when the run that started it is killed (a time limit)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "prctl"):
+        import signal
+
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def worker_main(spec_path: str) -> int:
     """Entry of ``python -m benchmarks._worker SPEC``: one provider over its cases."""
     spec = json.loads(Path(spec_path).read_text())
+    _die_with_parent()
     _mallopt_mmap_threshold(_TIMING_MMAP_THRESHOLD)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

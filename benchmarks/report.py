@@ -304,11 +304,14 @@ def _sweep_lines(ax_pair, sweep):
     ax_pair[0].legend(fontsize=7)
 
 
-def write_all(records: list[dict], out_dir: Path, name: str, plot_png: bool = True) -> dict[str, Path]:
-    """``<name>.json`` (raw records), ``<name>.md`` (table) and ``<name>.png`` (plot)."""
+def write_all(records: list[dict], out_dir: Path, name: str, plot_png: bool = True, raw: bool = True) -> dict[str, Path]:
+    """``<name>.json`` (raw records, unless ``raw=False``), ``<name>.md`` (table) and ``<name>.png`` (plot)."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
-    write_json(records, paths["json"])
+    if raw:
+        write_json(records, paths["json"])
+    else:
+        del paths["json"]
     paths["md"].write_text(markdown(records, title=f"AlphaPO loss benchmark — {name}"))
     if plot_png:
         png = plot(records, out_dir / f"{name}.png")
