@@ -113,12 +113,62 @@ def markdown(records: list[dict], title: str | None = None) -> str:
         + " reference",
         "",
     ]
+    summary = summary_markdown(records)
+    if summary:
+        lines += ["## Summary", "", summary, ""]
     for key in _ordered_groups(records, "main"):
         lines += _main_section(records, key)
     sweep = [r for r in records if r.get("group") == "sweep"]
     if sweep:
         lines += _sweep_section(sweep)
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(records: list[dict], variants=(("full", "flat"), ("ragged", "peaked"))) -> str:
+    """The compact table of the README: per provider, fwd+bwd ms and peak MB on each head's
+    two key variants (dense and untrained; ragged and trained-looking), and its worst
+    error over every variant measured."""
+    main = [r for r in records if r.get("group", "main") == "main"]
+    groups = _ordered_groups(main, "main")
+    cols = [(g, v) for g in groups for v in variants if any(_group_key(r) == g and (r["mask"], r["logits"]) == v for r in main)]
+    provs = [p for p in _provider_order(main) if any(r["provider"] == p and r["status"] == "ok" for r in main)]
+    if not cols or not provs:
+        return ""
+
+    def col_name(g, v):
+        return f"{g[0]} {g[1]}×{g[2]} {v[0]}/{v[1]}"
+
+    out = ["fwd+bwd ms · peak MB per head, batch and mask/logits; worst relative error over all variants.", ""]
+    out.append("| provider | α | " + " | ".join(col_name(g, v) for g, v in cols) + " | worst err loss / grad_h / grad_w |")
+    out.append("|---|--:|" + "--:|" * len(cols) + "--:|")
+    floor = []
+    for g, v in cols:
+        r = next((r for r in main if _group_key(r) == g and (r["mask"], r["logits"]) == v and r.get("floor_ms")), None)
+        floor.append(_ms(r["floor_ms"]) if r else "–")
+    out.append("| *floor* (4 × GEMM) | | " + " | ".join(floor) + " | |")
+    for p in provs:
+        rows = [r for r in main if r["provider"] == p]
+        cells = []
+        for g, v in cols:
+            r = next((r for r in rows if _group_key(r) == g and (r["mask"], r["logits"]) == v), None)
+            if r is None:
+                cells.append("")
+            elif r["status"] == "ok":
+                cells.append(f"{_ms(r['fwd_bwd_ms'])} · {_mb(r['peak_mem_mb'])}")
+            else:
+                cells.append(r["status"])
+        worst = [max((r.get(k) or 0.0) for r in rows if r["status"] == "ok") for k in ("loss_rel_err", "grad_h_rel_err", "grad_w_rel_err")]
+        alpha = next((r.get("alpha") for r in rows), None)
+        out.append(f"| {p} | {'' if alpha is None else f'{alpha:g}'} | " + " | ".join(cells) + " | " + " / ".join(_err(w) for w in worst) + " |")
+    skipped = defaultdict(set)
+    for r in main:
+        if r["status"] == "skipped" and r["provider"] not in provs:
+            skipped[r["reason"]].add(r["provider"])
+    if skipped:
+        out.append("")
+    for reason, names in skipped.items():
+        out.append(f"Skipped: {', '.join(sorted(names))} — {reason}  ")
+    return "\n".join(out)
 
 
 def _main_section(records, key):
