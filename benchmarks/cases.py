@@ -163,13 +163,6 @@ class PeakedParams:
     top1: float  # mean top-1 probability on the calibration rows
 
 
-def _softmax_stats(z: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    lse = torch.logsumexp(z, -1)
-    logp = z.gather(1, y[:, None]).squeeze(1) - lse
-    top1 = torch.exp(z.max(-1).values - lse)
-    return logp.mean().item(), top1.mean().item()
-
-
 def calibrate_peaked(Z0, P, Q, y, iters: int = 40) -> PeakedParams:
     """Solve ``mean logp(a, m) = PEAKED_LOGP`` and ``mean top1(a, m) = PEAKED_TOP1``.
 
@@ -374,21 +367,6 @@ def select(cases, shapes=None, masks=None, logits=None, batches=None, groups=Non
     return out
 
 
-def logits_bytes(case: Case, itemsize: int = 4) -> int:
-    """Bytes of the materialised (2B·T × V) logits at ``itemsize``: what the reference holds."""
-    return case.N * case.V * itemsize
-
-
-def describe(case: Case) -> str:
-    s = SHAPES[case.shape]
-    return f"{s.name} (H={s.H}, V={s.V}), {case.B} pairs × {case.T}, mask={case.mask}, logits={case.logits}"
-
-
-def expected_valid_fraction(mask: str) -> float:
-    """The mean valid fraction of a mask: 1 for "full"; (T/4 .. 3T/4 of T) → 1/2 for "ragged"."""
-    return 1.0 if mask == "full" else 0.5
-
-
 __all__ = [
     "Case",
     "IGNORE_INDEX",
@@ -401,7 +379,6 @@ __all__ = [
     "SHAPES",
     "Shape",
     "calibrate_peaked",
-    "describe",
     "Batch",
     "make_batch",
     "preset_cases",
