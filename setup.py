@@ -17,7 +17,8 @@ setup(
     install_requires=["torch>=2.4", TRITON],
     extras_require={
         "train": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "pyyaml", "pyarrow"],
-        "bench": ["pytest-benchmark", "tqdm", "matplotlib", "liger-kernel"],
+        # The peers the suite compares against (cut-cross-entropy runs on CUDA only).
+        "bench": ["pytest-benchmark", "tqdm", "matplotlib", "liger-kernel", "cut-cross-entropy"],
         "test": [
             "pytest",
             "pytest-benchmark",
