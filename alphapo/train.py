@@ -60,7 +60,8 @@ class TrainConfig:
     gradient_checkpointing: bool = knob(False, "recompute activations in backward (less memory, ~30%% slower)")
     disable_dropout: bool = knob(True, "zero every dropout probability (as TRL does for preference training)")
     # data
-    train_file: str = knob("", "TRL preference file (.jsonl/.json/.parquet: prompt, chosen, rejected); empty: built-in task")
+    train_file: str = knob("", "TRL preference file (.jsonl/.json/.parquet with prompt, chosen, rejected); "
+                           "empty: the built-in task")
     eval_file: str = knob("", "held-out preference file; empty: split --eval-size pairs off the training data")
     train_size: int = knob(20000, "built-in task: training pairs to generate")
     eval_size: int = knob(512, "held-out pairs (built-in split, or taken from --train-file, at most 10%% of it)")
@@ -533,7 +534,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         step_metrics: dict[str, torch.Tensor] = {}
         step_tokens = torch.zeros((), device=device, dtype=torch.long)
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in train_batches.batch(step * cfg.grad_accum + micro).items()}
+            batch = train_batches.batch(step * cfg.grad_accum + micro)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast():
                 loss, aux = wrapper(**batch)
             (loss / cfg.grad_accum).backward()
@@ -549,16 +551,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
         else:
             nonfinite += 1
             say(f"warning: step {step + 1}: non-finite loss ({step_loss.item()}) or gradient norm "
-                      f"({grad_norm.item()}); update skipped ({nonfinite}/{cfg.max_nonfinite})")
+                f"({grad_norm.item()}); update skipped ({nonfinite}/{cfg.max_nonfinite})")
             if nonfinite >= cfg.max_nonfinite:
                 bar.close()
                 raise NonFiniteLossError(
                     f"{nonfinite} steps had a non-finite loss or gradient (--max-nonfinite {cfg.max_nonfinite}); "
-                    f"stopped at step {step + 1}. Lower --lr, check the data, or resume from {run_dir}/latest"
+                    f"stopped at step {step + 1}. Lower --lr or check the data, then --resume {run_dir} "
+                    "(its last checkpoint predates the failures)"
                 )
         optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when a skipped first step precedes this
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             scheduler.step()  # the schedule follows the step count, skipped steps included
         step += 1
         bar.update(1)
@@ -586,8 +589,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             result = evaluate(wrapper, eval_batches, device, autocast)
             record({"step": step, **result})
             say(f"step {step}: held-out reward accuracy {result['eval_rewards/accuracies']:.1%}, "
-                      f"margin {result['eval_rewards/margins']:.2f}, chosen log-prob {result['eval_logps/chosen']:.3f}, "
-                      f"rejected {result['eval_logps/rejected']:.3f}")
+                f"margin {result['eval_rewards/margins']:.2f}, chosen log-prob {result['eval_logps/chosen']:.3f}, "
+                f"rejected {result['eval_logps/rejected']:.3f}")
 
         if saving:
             save_checkpoint(run_dir, wrapper, tokenizer, optimizer, scheduler, step, nonfinite, cfg, cfg.keep_last)
@@ -639,7 +642,8 @@ def plot_metrics(history: list[dict], path, title: str = "") -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if held:
-        acc = f"held-out accuracy {held[0]['eval_rewards/accuracies']:.0%} → {held[-1]['eval_rewards/accuracies']:.0%}"
+        before, after = held[0]["eval_rewards/accuracies"], held[-1]["eval_rewards/accuracies"]
+        acc = f"held-out accuracy {before:.0%} → {after:.0%}"
         title = f"{title}   ({acc})" if title else acc
     fig.suptitle(title)
     fig.tight_layout()

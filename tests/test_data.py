@@ -87,7 +87,8 @@ BAD = [
     pytest.param({"prompt": "p", "chosen": "a", "rejected": "  "}, r"row 1: 'rejected' is empty", id="blank-rejected"),
     pytest.param({"prompt": "p", "chosen": 3, "rejected": "b"}, r"row 1: field 'chosen' must be a string .* got int 3",
                  id="int-completion"),
-    pytest.param({"prompt": ["p"], "chosen": "a", "rejected": "b"}, r"row 1: field 'prompt' .* got list", id="list-of-str"),
+    pytest.param({"prompt": ["p"], "chosen": "a", "rejected": "b"}, r"row 1: field 'prompt' .* got list",
+                 id="list-of-str"),
     pytest.param({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
                  r"row 1: mixes standard", id="mixed-kinds"),
     pytest.param({"prompt": "p", "chosen": None, "rejected": "b"}, r"row 1: missing field\(s\) \['chosen'\]",
@@ -204,7 +205,8 @@ def test_no_kept_pair_is_empty_or_too_long(tok):
     rng = random.Random(0)
     for _ in range(40):
         records = [
-            {"prompt": "p" * rng.randint(0, 30), "chosen": "c" * rng.randint(1, 30), "rejected": "r" * rng.randint(1, 30)}
+            {"prompt": "p" * rng.randint(0, 30), "chosen": "c" * rng.randint(1, 30),
+             "rejected": "r" * rng.randint(1, 30)}
             for _ in range(6)
         ]
         max_length = rng.randint(2, 40)
