@@ -302,8 +302,11 @@ def build_model(cfg: TrainConfig, tokenizer, device, checkpoint: Path | None):
             if isinstance(getattr(lm.config, key, None), float):
                 setattr(lm.config, key, 0.0)
     lm.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # renamed activation checkpointing in recent transformers
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_fn = AlphaPOLoss(
         alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
         loss_type=cfg.loss_type, average_log_prob=cfg.average_log_prob, nll_weight=cfg.nll_weight,

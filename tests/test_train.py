@@ -206,6 +206,34 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert big["accuracy_before"] == small["accuracy_before"]
 
 
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, monkeypatch):
+    built = []
+    build_model = T.build_model
+    monkeypatch.setattr(T, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    T.train(tiny_config(tmp_path, "plain", max_steps=2), log=quiet)
+    T.train(tiny_config(tmp_path, "ckpt", max_steps=2, gradient_checkpointing=True), log=quiet)
+    on = [getattr(w.lm, "is_activation_checkpointing", None) for w in built]
+    assert on == [False, True] or [w.lm.is_gradient_checkpointing for w in built] == [False, True]
+    a, b = params_of(tmp_path / "plain"), params_of(tmp_path / "ckpt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_runs_the_loss_in_bf16(tmp_path, monkeypatch):
+    """--precision bf16 (the GPU default, here on the CPU): the loss sees bf16 hidden and weight."""
+    seen = []
+    forward = AlphaPOLoss.forward
+
+    def spy(self, weight, hidden, *args, **kwargs):
+        seen.append((weight.dtype, hidden.dtype, torch.is_autocast_enabled("cpu")))
+        return forward(self, weight, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(AlphaPOLoss, "forward", spy)
+    summary = T.train(tiny_config(tmp_path, max_steps=2, precision="bf16"), log=quiet)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, False)}
+    assert 0 <= summary["accuracy_after"] <= 1 and params_of(tmp_path / "run")["lm_head.weight"].dtype == torch.float32
+
+
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch, capsys):
     real = modeling.fused_forward
     poisoned = {"steps": set(), "n": 0}
