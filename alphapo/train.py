@@ -462,8 +462,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         run_dir = checkpoint.parent.parent
     else:
         run_dir = fresh_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     # Tokenizer, data and model. A resumed run takes all three from the checkpoint's
     # directory and the same files, so it sees the same token ids and the same batches.
@@ -475,6 +473,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     eval_batches = D.PairBatches(eval_pairs, cfg.eval_batch_size, pad_id, shuffle=False)
     wrapper = build_model(cfg, tokenizer, device, checkpoint)
     wrapper.train()
+    # Only now, with data and model in hand, does the run get a directory: a bad data file
+    # or model path leaves nothing behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     n_params = sum(p.numel() for p in wrapper.parameters())
 
     params = [p for p in wrapper.parameters() if p.requires_grad]

@@ -351,6 +351,7 @@ def test_bad_data_file_gives_a_clear_message(tmp_path, capsys, line, message):
     err = capsys.readouterr().err
     assert err.startswith("alphapo-train: error: ") and str(path) in err and message in err
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "a failed start left a run directory behind"
 
 
 def test_prompt_filling_max_length_is_reported_not_trained(tmp_path):
