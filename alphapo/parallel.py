@@ -222,7 +222,8 @@ def all_reduce(values: dict[str, torch.Tensor], par: Parallel, op: str = "sum") 
         return values
     import torch.distributed as dist
 
-    flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=par.device).reshape(()) for v in values.values()])
+    flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=par.device).reshape(())
+                        for v in values.values()])
     dist.all_reduce(flat)  # SUM (gloo has no AVG)
     if op == "mean":
         flat = flat / par.world_size

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from . import parallel as P
 from .loss import BACKENDS, AlphaPOLoss
 from .modeling import AlphaPOModel, attention_implementation, load_causal_lm, tiny_llama
 from .tokenizer import load_tokenizer
@@ -80,7 +81,7 @@ class TrainConfig:
     backend: str = knob("auto", "loss backend: auto is triton on CUDA, torch on CPU", BACKENDS)
     scratch_mb: int = knob(0, "extra-memory budget of the fused loss in MiB; 0: the backend's default")
     # optimisation
-    batch_size: int = knob(64, "preference pairs per micro-batch (2 sequences each)")
+    batch_size: int = knob(64, "preference pairs per micro-batch (2 sequences each), over all ranks")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
     max_steps: int = knob(800, "optimizer steps")
     lr: float = knob(3e-3, "peak learning rate (AdamW); real models want ~1e-6 to 1e-5")
@@ -92,6 +93,8 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0: no clipping")
     # system
     device: str = knob("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parallel: str = knob("auto", "data parallelism over torchrun's processes: ddp, fsdp (FSDP2: parameters, "
+                         "gradients and AdamW state sharded), none; auto: ddp under torchrun", P.MODES)
     precision: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
     param_dtype: str = knob("fp32", "dtype of the weights and AdamW state; bf16 halves their memory but "
                             "rounds away updates much smaller than a weight (lr ~1e-6)", ("fp32", "bf16"))
@@ -335,23 +338,33 @@ def lr_lambda(cfg: TrainConfig):
 # is atomic on one filesystem), then the one-line file ``latest`` is replaced the same
 # way: a crash at any point leaves the previous checkpoint whole and ``latest`` pointing
 # at a complete one. The trainer state holds only tensors, numbers and strings, so it
-# loads with ``torch.load(weights_only=True)``: no pickled code runs on resume.
+# loads with ``torch.load(weights_only=True)``: no pickled code runs on resume. Under
+# data parallelism every rank joins in (FSDP gathers the full model and optimizer state
+# onto rank 0), rank 0 alone writes, and nobody goes on until the checkpoint is complete.
 
 
 def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, step: int, nonfinite: int,
-                    cfg: TrainConfig, keep_last: int) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    wrapper.lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+                    cfg: TrainConfig, keep_last: int, par: P.Parallel) -> Path:
+    model_state = P.full_model_state(wrapper, par)  # None: the model is whole, save_pretrained reads it
+    optimizer_state = P.optimizer_state(wrapper, optimizer, par)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"step": step, "nonfinite": nonfinite, "optimizer": optimizer.state_dict(),
+    rng_ranks = P.gather(rng, par)
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step-{step:06d}"
+    if not par.is_main:
+        P.barrier(par)
+        return final
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    P.unwrap(wrapper).lm.save_pretrained(tmp, state_dict=model_state)
+    tokenizer.save_pretrained(tmp)
+    state = {"step": step, "nonfinite": nonfinite, "optimizer": optimizer_state,
              "scheduler": scheduler.state_dict(), "rng": rng}
+    if par.world_size > 1:
+        state["rng_ranks"] = rng_ranks  # each rank's generators, restored rank by rank on resume
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
     if final.exists():  # the same step saved again (a resumed run): move the old one aside first
@@ -365,6 +378,7 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, ste
     kept = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in kept[:-keep_last]:
         shutil.rmtree(old)
+    P.barrier(par)
     return final
 
 
@@ -389,28 +403,45 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 
 @torch.no_grad()
-def evaluate(wrapper, batches, device, autocast) -> dict[str, float]:
-    """Metrics over every held-out pair, TRL's names with an ``eval_`` prefix."""
+def evaluate(wrapper, batches, device, autocast, par: P.Parallel) -> dict[str, float]:
+    """Metrics over every held-out pair, TRL's names with an ``eval_`` prefix.
+
+    Under data parallelism each rank evaluates its share of every batch and the sums are
+    added over ranks; a rank left without a pair of the last batch runs a stand-in with
+    weight 0 (under FSDP the forward is a collective every rank must join).
+    """
     was_training = wrapper.training
     wrapper.eval()
     per_pair = {k: [] for k in ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards",
                                 "reward_accuracy", "reward_margin")}
-    weighted = {"loss": 0.0, "chosen_logits_mean": 0.0, "rejected_logits_mean": 0.0, "nll_loss": 0.0}
-    n_pairs = 0
+    weighted = dict.fromkeys(("loss", "chosen_logits_mean", "rejected_logits_mean", "nll_loss"), 0.0)
+    counts = dict.fromkeys(("pairs", "chosen_tokens", "rejected_tokens"), 0)
     for batch in batches:
+        batch, B = P.local_batch(batch, par, even=False)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss, aux = wrapper(**batch)
-        B = batch["input_ids"].shape[0] // 2
         for k in per_pair:
-            per_pair[k].append(getattr(aux, k))
+            per_pair[k].append(getattr(aux, k)[:B])
+        # Pair means are weighted by pairs, token means (logits, NLL) by their target
+        # tokens: the totals do not depend on how the pairs are batched or sharded.
+        valid = batch["labels"][:, 1:] != -100  # the targets (collate's ignore index)
+        n_chosen, n_rejected = valid[:B].sum(), valid[valid.shape[0] // 2 :][:B].sum()
         weighted["loss"] += loss.double() * B
-        for k in ("chosen_logits_mean", "rejected_logits_mean", "nll_loss"):
-            weighted[k] += getattr(aux, k).double() * B
-        n_pairs += B
+        weighted["chosen_logits_mean"] += aux.chosen_logits_mean.double() * n_chosen
+        weighted["rejected_logits_mean"] += aux.rejected_logits_mean.double() * n_rejected
+        weighted["nll_loss"] += aux.nll_loss.double() * n_chosen
+        counts["pairs"] += B
+        counts["chosen_tokens"] += n_chosen
+        counts["rejected_tokens"] += n_rejected
     wrapper.train(was_training)
-    pair = {k: torch.cat(v).double().mean() for k, v in per_pair.items()}
-    means = {k: v / n_pairs for k, v in weighted.items()}
+    sums = {k: torch.cat(v).double().sum() for k, v in per_pair.items()} | weighted | counts
+    sums = P.all_reduce(sums, par)  # over ranks
+    n_pairs = int(sums["pairs"])
+    pair = {k: sums[k] / n_pairs for k in per_pair}
+    means = {"loss": sums["loss"] / n_pairs, "nll_loss": sums["nll_loss"] / sums["chosen_tokens"],
+             "chosen_logits_mean": sums["chosen_logits_mean"] / sums["chosen_tokens"],
+             "rejected_logits_mean": sums["rejected_logits_mean"] / sums["rejected_tokens"]}
     metrics = {
         "loss": means["loss"],
         "rewards/chosen": pair["chosen_rewards"],
@@ -453,7 +484,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break our progress bar
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    # One process per device under torchrun (see alphapo/parallel.py); rank 0 alone logs
+    # and writes files, every rank computes.
+    par = P.setup(cfg.parallel, pick_device(cfg.device))
+    device = par.device
+    if not par.is_main:
+        log = lambda *args: None  # noqa: E731
     autocast = autocast_context(cfg, device)
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
     if cfg.out_dir:
@@ -461,7 +497,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     elif checkpoint is not None:
         run_dir = checkpoint.parent.parent
     else:
-        run_dir = fresh_run_dir()
+        run_dir = Path(P.broadcast(str(fresh_run_dir()), par))  # rank 0's clock names the run
 
     # Tokenizer, data and model. A resumed run takes all three from the checkpoint's
     # directory and the same files, so it sees the same token ids and the same batches.
@@ -469,14 +505,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                trust_remote_code=cfg.trust_remote_code)
     train_pairs, eval_pairs = load_data(cfg, tokenizer, log)
     pad_id = tokenizer.pad_token_id
+    # Global micro-batches, the same on every rank; each rank takes its B / R pairs of one.
     train_batches = D.PairBatches(train_pairs, cfg.batch_size, pad_id, seed=cfg.seed)
     eval_batches = D.PairBatches(eval_pairs, cfg.eval_batch_size, pad_id, shuffle=False)
-    wrapper = build_model(cfg, tokenizer, device, checkpoint)
+    P.pair_range(cfg.batch_size, par)  # fail now if the batch does not split evenly over the ranks
+    wrapper = P.wrap(build_model(cfg, tokenizer, device, checkpoint), par)
     wrapper.train()
     # Only now, with data and model in hand, does the run get a directory: a bad data file
     # or model path leaves nothing behind.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     n_params = sum(p.numel() for p in wrapper.parameters())
 
     params = [p for p in wrapper.parameters() if p.requires_grad]
@@ -492,38 +531,45 @@ def train(cfg: TrainConfig, log=print) -> dict:
     history: list[dict] = []
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        P.load_optimizer_state(wrapper, optimizer, state["optimizer"], par)
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state.get("rng_ranks", [state["rng"]])  # each rank's own, if saved by as many ranks
+        rng = rng[par.rank] if len(rng) == par.world_size else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         step, nonfinite = state["step"], state["nonfinite"]
         # Keep the records up to the checkpoint (a crashed run may have logged past it).
         source = checkpoint.parent.parent / "metrics.jsonl"
         if source.is_file():
             history = [r for r in map(json.loads, source.read_text().splitlines()) if r["step"] <= step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        P.barrier(par)  # every rank has read the records before rank 0 rewrites them
+        if par.is_main:
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         log(f"resumed from {checkpoint} at step {step}")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and par.is_main:
         metrics_path.unlink()
 
-    def record(entry: dict):
+    def record(entry: dict):  # every rank keeps the history (for its summary), rank 0 writes it
         history.append(entry)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if par.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     log(f"alphapo-train: {'built-in tiny Llama' if not cfg.model else cfg.model} ({n_params / 1e6:.2f}M params), "
         f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs, {cfg.max_steps} steps of "
-        f"{cfg.batch_size * cfg.grad_accum} pairs on {device}, alpha={cfg.alpha} -> {run_dir}")
+        f"{cfg.batch_size * cfg.grad_accum} pairs on {device}"
+        f"{f' x {par.world_size} ({par.mode})' if par.world_size > 1 else ''}, alpha={cfg.alpha} -> {run_dir}")
     if step == 0:
-        before = evaluate(wrapper, eval_batches, device, autocast)
+        before = evaluate(wrapper, eval_batches, device, autocast, par)
         record({"step": 0, **before})
         log(f"step 0: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
             f"chosen log-prob {before['eval_logps/chosen']:.3f}")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and par.is_main), dynamic_ncols=True,
+               desc="train")
 
     def say(message: str):  # through the bar while it is drawn, so it stays on one line
         bar.write(message) if cfg.progress and log is print else log(message)
@@ -539,16 +585,22 @@ def train(cfg: TrainConfig, log=print) -> dict:
         step_metrics: dict[str, torch.Tensor] = {}
         step_tokens = torch.zeros((), device=device, dtype=torch.long)
         for micro in range(cfg.grad_accum):
-            batch = train_batches.batch(step * cfg.grad_accum + micro)
+            batch, _ = P.local_batch(train_batches.batch(step * cfg.grad_accum + micro), par)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast():
-                loss, aux = wrapper(**batch)
-            (loss / cfg.grad_accum).backward()
+            # DDP averages the ranks' gradients in the last micro-batch's backward; each
+            # rank's loss is the mean over its B / R pairs, so the average is the whole
+            # micro-batch's mean (alphapo/parallel.py).
+            with P.grad_sync(wrapper, par, sync=micro == cfg.grad_accum - 1):
+                with autocast():
+                    loss, aux = wrapper(**batch)
+                (loss / cfg.grad_accum).backward()
             step_loss += loss.detach().double() / cfg.grad_accum
             for k, v in aux.to_dict().items():
                 step_metrics[k] = step_metrics.get(k, 0) + v.double() / cfg.grad_accum
             step_tokens += batch["attention_mask"].sum()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = P.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # The mean over ranks: the whole batch's loss, and one skip decision for every rank.
+        step_loss = P.all_reduce({"loss": step_loss}, par, op="mean")["loss"]
         # The one host sync per step: skip an update whose loss or gradient is not finite.
         finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
         if finite:
@@ -580,6 +632,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         saving = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
         if step % cfg.log_every == 0 or saving:
             elapsed = time.time() - t_log
+            sums = P.all_reduce(sums, par, op="mean")  # each rank's metrics are over its own pairs
+            tokens = P.all_reduce({"tokens": tokens}, par)["tokens"]
             entry = {"step": step, "lr": scheduler.get_last_lr()[0]}
             entry |= {k: float(v / max(n_logged, 1)) for k, v in sums.items()}
             entry |= {"tokens_per_s": float(tokens) / max(elapsed, 1e-9), "peak_mem_mb": peak_memory_mb(device),
@@ -591,21 +645,24 @@ def train(cfg: TrainConfig, log=print) -> dict:
             sums, n_logged, tokens, t_log = {}, 0, 0, time.time()
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            result = evaluate(wrapper, eval_batches, device, autocast)
+            result = evaluate(wrapper, eval_batches, device, autocast, par)
             record({"step": step, **result})
             say(f"step {step}: held-out reward accuracy {result['eval_rewards/accuracies']:.1%}, "
                 f"margin {result['eval_rewards/margins']:.2f}, chosen log-prob {result['eval_logps/chosen']:.3f}, "
                 f"rejected {result['eval_logps/rejected']:.3f}")
 
         if saving:
-            save_checkpoint(run_dir, wrapper, tokenizer, optimizer, scheduler, step, nonfinite, cfg, cfg.keep_last)
+            save_checkpoint(run_dir, wrapper, tokenizer, optimizer, scheduler, step, nonfinite, cfg, cfg.keep_last,
+                            par)
     bar.close()
 
     summary = summarize(history, run_dir, cfg, time.time() - t_start)
-    if cfg.plot:
-        plot_metrics(history, run_dir / "plot.png", title=f"AlphaPO, alpha = {cfg.alpha}")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if par.is_main:
+        if cfg.plot:
+            plot_metrics(history, run_dir / "plot.png", title=f"AlphaPO, alpha = {cfg.alpha}")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(summary, log)
+    P.teardown(par)
     return summary
 
 
@@ -703,7 +760,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
         train(cfg)
-    except (ConfigError, D.DataError, NonFiniteLossError) as e:
+    except (ConfigError, D.DataError, NonFiniteLossError, P.ParallelError) as e:
         print(f"alphapo-train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
