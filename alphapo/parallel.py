@@ -126,8 +126,8 @@ def wrap(model: nn.Module, par: Parallel) -> nn.Module:
     """``model`` (an :class:`~alphapo.modeling.AlphaPOModel` on ``par.device``) made data-parallel.
 
     DDP: a replica per rank whose gradients are all-reduced (averaged) in the backward.
-    ``broadcast_buffers=False``: the only buffers are rotary-embedding constants, and
-    without the broadcast a forward issues no collective (evaluation under ``no_grad``).
+    No buffer broadcast before each forward: the only buffers are rotary-embedding
+    constants, and without it a forward issues no collective (evaluation under ``no_grad``).
 
     FSDP2: ``fully_shard`` on every decoder layer, then on the root ``model``, whose group
     holds what the layers do not: embeddings, final norm and ``lm_head``. The root's
@@ -141,7 +141,12 @@ def wrap(model: nn.Module, par: Parallel) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [par.device.index] if par.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # torch 2.13 renamed the switch (and deprecated the old name); older torch knows only the old one.
+        import inspect
+
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model.lm):
