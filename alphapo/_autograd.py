@@ -61,7 +61,8 @@ class FusedSequenceLogProbs(torch.autograd.Function):
     """``(hidden, weight, bias) -> S``: summed log-probs per sequence, (2B,), float32/64."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend, scratch_bytes, shard: VocabShard | None = None):
+    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend, scratch_bytes, shard: VocabShard | None = None,
+                filter_eps: float | None = None):
         H = hidden.shape[-1]
         acc = accumulation_dtype(hidden.dtype)
         h2d = hidden.reshape(-1, H)
@@ -74,7 +75,7 @@ class FusedSequenceLogProbs(torch.autograd.Function):
             lse, tgt = _combine_shards(lse, tgt, shard.group)
         ctx.save_for_backward(hidden, weight, bias, plan.flat_idx, target, plan.seq_id, lse)
         group = shard.group if shard is not None else None
-        ctx.backend, ctx.scratch_bytes, ctx.group = backend, scratch_bytes, group
+        ctx.backend, ctx.scratch_bytes, ctx.group, ctx.filter_eps = backend, scratch_bytes, group, filter_eps
         return sequence_sum(tgt - lse, plan)
 
     @staticmethod
@@ -84,9 +85,10 @@ class FusedSequenceLogProbs(torch.autograd.Function):
         if ctx.group is not None:
             needs = (True, needs[1], needs[2])  # every rank must join the grad_h all-reduce
         coef = grad_seq.to(lse.dtype)[seq_id]  # dL/dlogp_t of each valid token
+        extra = {} if ctx.filter_eps is None else {"filter_eps": ctx.filter_eps}
         grad_h, grad_w, grad_b = ctx.backend.backward_grads(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_idx, target, lse, coef,
-            ctx.scratch_bytes, needs,
+            ctx.scratch_bytes, needs, **extra,
         )
         if ctx.group is not None:
             import torch.distributed as dist
@@ -97,4 +99,4 @@ class FusedSequenceLogProbs(torch.autograd.Function):
             grad_h.index_copy_(0, flat_idx, rows)
         if grad_h is not None:
             grad_h = grad_h.view_as(hidden)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None

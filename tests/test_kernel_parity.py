@@ -163,3 +163,50 @@ def test_tma_forward_matches_reference(ragged, device, monkeypatch):
     assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-4
     for name, g in ref_grads.items():
         assert rel_err(grads[name], g) <= 2 * rel_err(base_grads[name], g) + 1e-4, name
+
+
+@pytest.mark.parametrize("filter_eps", [0.0, 1e-3], ids=["eps0-exact", "eps1e-3"])
+def test_gradient_filtering(filter_eps, device, monkeypatch):
+    """filter_eps skips grad_hidden work on dz tiles whose largest |dz| is <= eps.
+
+    With eps = 0 only all-zero tiles are skipped: the result equals the unfiltered one.
+    With a small eps on a peaked softmax, tiles really are skipped and grad_hidden stays
+    within 1e-3 of the exact gradient (the rest is exact).
+    """
+    batch = make_batch(2, 16, 32, 600, torch.float64, seed=29, peak=8.0, scale=6.0)
+    options = dict(alpha=0.25)
+    exact, exact_grads = _run("triton", options, batch, torch.float32, device)
+    skipped = []
+    real = fused._grad_h_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs.get("FILTER"):
+                    tile_max = args[real.arg_names.index("tile_max_ptr")]
+                    skipped.append(int((tile_max <= filter_eps).sum()))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(fused, "_grad_h_kernel", Counting())
+    weight, hidden, target, bias = batch
+    W, h, b = (t.to(device=device, dtype=torch.float32) for t in (weight, hidden, bias))
+    out, grads = loss_and_grads(
+        lambda W, h, b: alphapo.alphapo_loss(W, h, target.to(device), b, backend="triton", filter_eps=filter_eps, **options),
+        W, h, b, seed=1,
+    )
+    assert skipped, "the filtering path did not run"
+    assert torch.equal(out, exact)
+    assert torch.equal(grads["weight"], exact_grads["weight"]) and torch.equal(grads["bias"], exact_grads["bias"])
+    if filter_eps == 0.0:
+        assert torch.equal(grads["hidden"], exact_grads["hidden"])
+    else:
+        assert sum(skipped) > 0, "no tile was skipped: the test shape is not peaked enough"
+        assert rel_err(grads["hidden"], exact_grads["hidden"]) < 1e-3
+
+
+def test_filter_eps_needs_triton():
+    weight, hidden, target, bias = make_batch(1, 4, 16, 20, torch.float32)
+    with pytest.raises(ValueError, match="filter_eps"):
+        alphapo.alphapo_loss(weight, hidden, target, bias, backend="torch", filter_eps=1e-3)

@@ -51,9 +51,10 @@ def _signatures(dtype: torch.dtype, family: str):
         c = cfgs["dz"]
         yield "dz", fused._dz_kernel, {
             **stats, "lse_ptr": "*fp32:16", "coef_ptr": "*fp32:16", "dz_ptr": p, "db_ptr": "*fp32:16",
+            "tile_max_ptr": "*fp32:16",
             "N": "i32", "V": "i32", "H": "i32:16", "v_lo": "i32:16", "V_S": "i32", **strides,
-            "stride_dzn": "i32:16", "stride_dbn": "i32:16",
-        }, dict(HAS_BIAS=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
+            "stride_dzn": "i32:16", "stride_dbn": "i32:16", "stride_tmn": "i32",
+        }, dict(HAS_BIAS=has_bias, FILTER=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
                 DOT_PRECISION=precision), c
     if family == "sm90" and dtype != torch.float32:  # TMA forward: Hopper+, 16-bit inputs
         c = cfgs["fwd_tma"]
@@ -66,14 +67,16 @@ def _signatures(dtype: torch.dtype, family: str):
                 DOT_PRECISION=precision), c
     c = cfgs["grad_h"]
     # (first, not last) stores the float32 accumulator, (not first, last) loads it and
-    # writes grad_hidden: between them every code path of the kernel.
+    # writes grad_hidden: between them every code path of the kernel; the second one with
+    # gradient filtering on (as the dz kernel with a bias), the first with it off.
     for first, last in ((True, False), (False, True)):
         yield "grad_h", fused._grad_h_kernel, {
             "dz_ptr": p, "w_ptr": p, "acc_ptr": "*fp32:16", "out_ptr": p, "idx_ptr": "*i64:16",
-            "N": "i32", "H": "i32:16", "v_lo": "i32:16", "V_S": "i32",
+            "tile_max_ptr": "*fp32:16",
+            "N": "i32", "H": "i32:16", "v_lo": "i32:16", "V_S": "i32", "filter_eps": "fp32",
             "stride_dzn": "i32:16", "stride_wv": "i32:16", "stride_wh": "i32:1", "stride_accn": "i32:16",
-            "stride_outn": "i32:16",
-        }, dict(FIRST=first, LAST=last, BLOCK_N=c.block_m, BLOCK_H=c.block_n, BLOCK_K=c.block_k,
+            "stride_outn": "i32:16", "stride_tmn": "i32",
+        }, dict(FIRST=first, LAST=last, FILTER=last, DZ_BLOCK_V=cfgs["dz"].block_n, BLOCK_N=c.block_m, BLOCK_H=c.block_n, BLOCK_K=c.block_k,
                 DOT_PRECISION=precision), c
 
 

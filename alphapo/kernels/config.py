@@ -13,7 +13,10 @@ Choices (to be re-measured on the lent GPUs; see the GPU performance issues):
 * sm_80 (A100) and other pre-Hopper parts, 16-bit: 128×128×32, 8 warps, 3 stages — half
   the K step keeps three stages inside the smaller shared memory with headroom.
 * float32 inputs (any GPU): 64×64×32, 4 warps, 2 stages — exact float32 products
-  (``input_precision="ieee"``) run on the FMA units, where big tiles only add registers.
+  (``input_precision="ieee"``) run on the FMA units, where big tiles only add registers
+  (sm_80's backward tiles take 32 rows: see the entry).
+* Gradient filtering needs the ``dz`` and ``grad_h`` tiles to share their rows and the
+  ``dz`` tile's columns to hold whole ``grad_h`` K-steps; every entry satisfies that.
 * Triton's CPU interpreter: 16×32×16 — the smallest tiles ``tl.dot`` accepts, since the
   interpreter's cost is per masked element, not per launch.
 
@@ -53,7 +56,14 @@ CONFIGS: dict[tuple[str, str], dict[str, LaunchConfig]] = {
     ("sm90", "16bit"): {k: LaunchConfig(128, 128, 64, 8, 3) for k in KERNELS},
     ("sm80", "16bit"): {k: LaunchConfig(128, 128, 32, 8, 3) for k in KERNELS},
     ("sm90", "fp32"): {k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
-    ("sm80", "fp32"): {k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
+    # sm_80 float32: the dz kernel with a bias and gradient filtering spilled 8 bytes at
+    # 64 rows, grad_h 36 bytes at 32×64: 32-row tiles (equal rows, as filtering needs) do not.
+    ("sm80", "fp32"): {
+        "fwd": LaunchConfig(64, 64, 32, 4, 2),
+        "fwd_tma": LaunchConfig(64, 64, 32, 4, 2),
+        "dz": LaunchConfig(32, 64, 32, 4, 2),
+        "grad_h": LaunchConfig(32, 32, 32, 4, 2),
+    },
     ("interpreter", "16bit"): {k: LaunchConfig(16, 32, 16, 1, 1) for k in KERNELS},
     ("interpreter", "fp32"): {k: LaunchConfig(16, 32, 16, 1, 1) for k in KERNELS},
 }

@@ -195,14 +195,14 @@ def _lse_fwd_tma_kernel(
 @triton.jit
 def _dz_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, lse_ptr, coef_ptr, dz_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, lse_ptr, coef_ptr, dz_ptr, db_ptr, tile_max_ptr,
     # sizes
     N, V, H, v_lo, V_S,
     # strides
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dbn,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dbn, stride_tmn,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dz[n, v - v_lo] = coef_n (1[v = y_n] - exp(z_nv - lse_n)) for v in [v_lo, v_lo + V_S)."""
     pid_n = tl.program_id(0)
@@ -230,18 +230,21 @@ def _dz_kernel(
         # Per-block column sums in float32, reduced in a fixed order on the host side.
         col = tl.sum(tl.where(mask, dz, 0.0), axis=0)
         tl.store(db_ptr + pid_n * stride_dbn + offs_s, col, mask=mask_v)
+    if FILTER:
+        # max |dz| of the tile: _grad_h_kernel skips tiles that cannot move grad_hidden.
+        tl.store(tile_max_ptr + pid_n * stride_tmn + pid_v, tl.max(tl.max(tl.abs(tl.where(mask, dz, 0.0)), axis=1), axis=0))
 
 
 @triton.jit
 def _grad_h_kernel(
     # pointers
-    dz_ptr, w_ptr, acc_ptr, out_ptr, idx_ptr,
+    dz_ptr, w_ptr, acc_ptr, out_ptr, idx_ptr, tile_max_ptr,
     # sizes
-    N, H, v_lo, V_S,
+    N, H, v_lo, V_S, filter_eps,
     # strides
-    stride_dzn, stride_wv, stride_wh, stride_accn, stride_outn,
+    stride_dzn, stride_wv, stride_wh, stride_accn, stride_outn, stride_tmn,
     # meta-parameters
-    FIRST: tl.constexpr, LAST: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, FILTER: tl.constexpr, DZ_BLOCK_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """acc[n, :] (+)= dz[n, :] @ W[v_lo : v_lo + V_S]; on the last slice, out[idx[n]] = acc."""
@@ -256,10 +259,14 @@ def _grad_h_kernel(
     w_ptrs = w_ptr + (v_lo + offs_k[:, None]).to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, V_S, BLOCK_K):
-        mask_k = (k0 + offs_k) < V_S
-        a = tl.load(dz_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        keep = True
+        if FILTER:  # the dz tile holding these K columns (same rows: BLOCK_N = dz's block)
+            keep = tl.load(tile_max_ptr + pid_n * stride_tmn + k0 // DZ_BLOCK_V) > filter_eps
+        if keep:
+            mask_k = (k0 + offs_k) < V_S
+            a = tl.load(dz_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         dz_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wv
     mask = mask_n[:, None] & mask_h[None, :]
@@ -388,8 +395,13 @@ def slice_columns(N: int, V: int, itemsize: int, scratch_bytes: int, block: int)
     return min(cols, triton.cdiv(V, block) * block)
 
 
-def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes, needs):
-    """Gradients of ``Σ_t coef_t (z_t[y_t] - lse_t)`` w.r.t. h2d, weight, bias (see module doc)."""
+def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes, needs, filter_eps=None):
+    """Gradients of ``Σ_t coef_t (z_t[y_t] - lse_t)`` w.r.t. h2d, weight, bias (see module doc).
+
+    ``filter_eps``: gradient filtering (off by default). A ``dz`` tile whose largest
+    ``|dz|`` is at most ``filter_eps`` adds nothing to ``grad_hidden``: its GEMM work is
+    skipped. ``grad_weight`` (one cuBLAS GEMM per slice) is always exact.
+    """
     need_h, need_w, need_b = needs
     N, (V, H) = flat_idx.numel(), weight.shape
     device, dtype = h2d.device, h2d.dtype
@@ -412,17 +424,22 @@ def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes
     h_valid = _compact_rows(h2d, flat_idx) if need_w else None
     acc = torch.empty((N, H), dtype=torch.float32, device=device) if need_h and n_slices > 1 else None
     precision = _dot_precision(dtype)
+    filtering = filter_eps is not None and need_h
+    if filtering:
+        if hcfg.block_m != cfg.block_m or cfg.block_n % hcfg.block_k:
+            raise RuntimeError(f"gradient filtering needs matching dz and grad_h tiles, got {cfg} and {hcfg}")
+        tile_max = torch.empty((row_blocks, triton.cdiv(V_s, cfg.block_n)), dtype=torch.float32, device=device)
     for s in range(n_slices):
         v_lo = s * V_s
         v_hi = min(V, v_lo + V_s)
         width = v_hi - v_lo
         _dz_kernel[(row_blocks, triton.cdiv(width, cfg.block_n))](
             h2d, weight, bias if bias is not None else weight, flat_idx, target, lse, coef, dz,
-            db if need_b else dz,
+            db if need_b else dz, tile_max if filtering else dz,
             N, V, H, v_lo, width,
             h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
-            db.stride(0) if need_b else 0,
-            HAS_BIAS=need_b, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+            db.stride(0) if need_b else 0, tile_max.stride(0) if filtering else 0,
+            HAS_BIAS=need_b, FILTER=filtering, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
             DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         dz_s = dz[:, :width]
@@ -432,11 +449,11 @@ def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes
             torch.matmul(dz_s.t(), h_valid, out=grad_w[v_lo:v_hi])
         if need_h:
             _grad_h_kernel[(triton.cdiv(N, hcfg.block_m), triton.cdiv(H, hcfg.block_n))](
-                dz_s, weight, acc if acc is not None else dz, grad_h, flat_idx,
-                N, H, v_lo, width,
+                dz_s, weight, acc if acc is not None else dz, grad_h, flat_idx, tile_max if filtering else dz,
+                N, H, v_lo, width, float(filter_eps) if filtering else 0.0,
                 dz.stride(0), weight.stride(0), weight.stride(1), acc.stride(0) if acc is not None else 0,
-                grad_h.stride(0),
-                FIRST=s == 0, LAST=s == n_slices - 1,
+                grad_h.stride(0), tile_max.stride(0) if filtering else 0,
+                FIRST=s == 0, LAST=s == n_slices - 1, FILTER=filtering, DZ_BLOCK_V=cfg.block_n,
                 BLOCK_N=hcfg.block_m, BLOCK_H=hcfg.block_n, BLOCK_K=hcfg.block_k,
                 DOT_PRECISION=precision, num_warps=hcfg.num_warps, num_stages=hcfg.num_stages,
             )
