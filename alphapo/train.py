@@ -99,7 +99,8 @@ class TrainConfig:
     param_dtype: str = knob("fp32", "dtype of the weights and AdamW state; bf16 halves their memory but "
                             "rounds away updates much smaller than a weight (lr ~1e-6)", ("fp32", "bf16"))
     seed: int = knob(0, "seed of model init, data generation and data order")
-    threads: int = knob(0, "CPU threads for torch; 0: torch's default")
+    threads: int = knob(0, "CPU threads for torch; 0: one for the built-in model on CPU (its matrices are "
+                        "too small to share: more threads only add contention), torch's default otherwise")
     # outputs and checkpoints
     out_dir: str = knob("", "run directory; empty: a fresh runs/alphapo-<date>-<time>")
     resume: str = knob("", "continue from a run directory (its latest checkpoint) or a checkpoint directory")
@@ -484,6 +485,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break our progress bar
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif not cfg.model and pick_device(cfg.device).type == "cpu":
+        torch.set_num_threads(1)
     # One process per device under torchrun (see alphapo/parallel.py); rank 0 alone logs
     # and writes files, every rank computes.
     par = P.setup(cfg.parallel, pick_device(cfg.device))
