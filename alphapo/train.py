@@ -477,7 +477,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run one training job; returns the summary (also written to ``summary.json``)."""
+    """Run one training job; returns the summary (also written to ``summary.json``).
+
+    Called as a library function (the tests, the alpha sweep), it leaves torch's CPU
+    thread count as it found it.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, log) -> dict:
     t_start = time.time()
     check_config(cfg)
     from transformers.utils import logging as hf_logging
