@@ -92,6 +92,21 @@ def _check_scratch(scratch_bytes):
         raise ValueError(f"scratch_bytes must be a positive byte count or None, got {scratch_bytes!r}")
 
 
+def _prepare(weight, hidden, bias, scratch_bytes, filter_eps):
+    """Option checks shared by the functional forms, then the autocast cast."""
+    _check_scratch(scratch_bytes)
+    _check_filter(filter_eps)
+    return _autocast(weight, hidden, bias)
+
+
+def _backend_for(backend, device, group):
+    """resolve_backend, refusing vocabulary parallelism on the materialised reference."""
+    backend = resolve_backend(backend, device)
+    if backend == "reference" and group is not None:
+        raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
+    return backend
+
+
 def _fused_sequence_sums(
     weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard=None, filter_eps=None
 ):
@@ -150,14 +165,10 @@ def sequence_logprobs(
 
     Every row needs at least one valid token; rows need not come in pairs.
     """
-    _check_scratch(scratch_bytes)
-    _check_filter(filter_eps)
-    weight, hidden, bias = _autocast(weight, hidden, bias)
+    weight, hidden, bias = _prepare(weight, hidden, bias, scratch_bytes, filter_eps)
     check_inputs(weight, hidden, target, bias, paired=False)
-    backend = resolve_backend(backend, hidden.device)
+    backend = _backend_for(backend, hidden.device, process_group)
     if backend == "reference":
-        if process_group is not None:
-            raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
         return sequence_logprobs_reference(weight, hidden, target, bias, average, ignore_index)
     vocab_size, shard = _vocab_shard(weight.shape[0], process_group, hidden.device)
     n_tokens = check_targets(target, vocab_size, ignore_index)
@@ -207,14 +218,10 @@ def _vocab_shard(vocab_size, group, device):
 def _alphapo_loss(
     weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes, group=None, filter_eps=None
 ):
-    _check_scratch(scratch_bytes)
-    _check_filter(filter_eps)
-    weight, hidden, bias = _autocast(weight, hidden, bias)
+    weight, hidden, bias = _prepare(weight, hidden, bias, scratch_bytes, filter_eps)
     check_inputs(weight, hidden, target, bias, ref_w, ref_l)
-    backend = resolve_backend(backend, hidden.device)
+    backend = _backend_for(backend, hidden.device, group)
     if backend == "reference":
-        if group is not None:
-            raise ValueError('process_group (vocabulary parallelism) needs backend "torch", "triton" or "auto"')
         return alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg)
     vocab_size, shard = _vocab_shard(weight.shape[0], group, hidden.device)
     n_tokens = check_targets(target, vocab_size, cfg.ignore_index)

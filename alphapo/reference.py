@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._tokens import accumulation_dtype
 from ._validation import check_inputs, check_targets
 from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
 
@@ -22,13 +23,17 @@ def logits_reference(weight, hidden, bias=None):
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def token_logprobs_reference(weight, hidden, target, bias=None, ignore_index=-100):
-    """Per-token ``z[y] - logsumexp(z)``, shape (2B, T); 0 where target == ignore_index."""
-    logits = logits_reference(weight, hidden, bias)
+def _gather_logprobs(logits, target, ignore_index):
+    """Per-token ``z[y] - logsumexp(z)`` from materialised logits; 0 where ignored."""
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).long()
     logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logps, torch.zeros_like(logps))
+
+
+def token_logprobs_reference(weight, hidden, target, bias=None, ignore_index=-100):
+    """Per-token ``z[y] - logsumexp(z)``, shape (2B, T); 0 where target == ignore_index."""
+    return _gather_logprobs(logits_reference(weight, hidden, bias), target, ignore_index)
 
 
 def sequence_logprobs_reference(weight, hidden, target, bias=None, average=True, ignore_index=-100):
@@ -54,19 +59,11 @@ def alphapo_loss_reference(
     check_inputs(weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps)
     n_tokens = check_targets(target, weight.shape[0], cfg.ignore_index)
     logits = logits_reference(weight, hidden, bias)
-    valid = target != cfg.ignore_index
-    safe_target = torch.where(valid, target, 0).long()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    seq_sum = torch.where(valid, token_logps, torch.zeros_like(token_logps)).sum(-1)
+    seq_sum = _gather_logprobs(logits, target, cfg.ignore_index).sum(-1)
     loss, logps, _, rewards_w, rewards_l, nll = preference_loss(
         seq_sum, n_tokens, cfg, ref_chosen_logps, ref_rejected_logps
     )
     with torch.no_grad():
-        logit_sums = (logits.sum(-1) * valid).sum(-1).double()
+        logit_sums = (logits.sum(-1) * (target != cfg.ignore_index)).sum(-1).double()
     out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, weight.shape[0])
-    return loss.to(_loss_dtype(hidden.dtype)), out
-
-
-def _loss_dtype(dtype):
-    """The loss comes back in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return loss.to(accumulation_dtype(hidden.dtype)), out  # float32, or float64 for float64 inputs
