@@ -12,10 +12,10 @@ datasets = pytest.importorskip("datasets")
 
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
-from alphapo.data import builtin_task  # noqa: E402
+from alphapo.training.data import builtin_task  # noqa: E402
 from alphapo.integrations.trl import AlphaPOCPOTrainer, loss_from_cpo_args, unpatch_forward  # noqa: E402
-from alphapo.modeling import tiny_llama  # noqa: E402
-from alphapo.tokenizer import build_char_tokenizer  # noqa: E402
+from alphapo.training.modeling import tiny_llama  # noqa: E402
+from alphapo.training.tokenizer import build_char_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

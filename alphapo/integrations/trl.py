@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 
 from ..loss import AlphaPOLoss
-from ..modeling import decoder_and_head, fused_forward
+from ..training.modeling import decoder_and_head, fused_forward
 
 try:
     from trl.experimental.cpo import CPOTrainer

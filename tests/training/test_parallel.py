@@ -1,7 +1,7 @@
-"""Data parallelism in the trainer (alphapo/parallel.py): DDP and FSDP2 on 2 gloo ranks.
+"""Data parallelism in the trainer (alphapo/training/parallel.py): DDP and FSDP2 on 2 gloo ranks.
 
 One pair of worker processes (this file run as a script, meeting through a FileStore: no
-network) trains the built-in tiny model three times with ``alphapo.train.train``: under
+network) trains the built-in tiny model three times with ``alphapo.training.train.train``: under
 DDP, under FSDP2, and under FSDP2 interrupted after its first checkpoint and resumed
 through the command line. The tests compare what the runs wrote against one process
 training on the whole batch: the same parameters (within float32 reduction-order
@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import alphapo.modeling as modeling
-import alphapo.parallel as P
-import alphapo.train as T
+import alphapo.training.modeling as modeling
+import alphapo.training.parallel as P
+import alphapo.training.train as T
 
 WORLD = 2
 COLLECTIVE_TIMEOUT_S = 60  # a desynchronised collective fails after this instead of hanging
@@ -146,7 +146,7 @@ def runs(tmp_path_factory) -> dict:
     """The worker pair's runs, and the single-process runs on the same data (trained
     here while the workers run). Returns run directories by name and each rank's info."""
     out = tmp_path_factory.mktemp("ddp")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     procs = [
@@ -252,8 +252,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_torchrun_runs_the_trainer_end_to_end(tmp_path):
-    """``torchrun --nproc_per_node=2 -m alphapo.train`` (FSDP, gloo): one run directory, rank 0's log only."""
-    repo = Path(__file__).resolve().parents[1]
+    """``torchrun --nproc_per_node=2 -m alphapo.training`` (FSDP, gloo): one run directory, rank 0's log only."""
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
@@ -261,7 +261,7 @@ def test_torchrun_runs_the_trainer_end_to_end(tmp_path):
     args = ["--parallel", "fsdp", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--train-size", "64",
             "--eval-size", "16", "--batch-size", "8", "--eval-batch-size", "8", "--max-steps", "3", "--warmup-steps",
             "1", "--log-every", "1", "--eval-every", "3", "--save-every", "3", "--no-plot", "--no-progress"]
-    proc = subprocess.run(launcher + ["-m", "alphapo.train"] + args, cwd=tmp_path, env=env, capture_output=True,
+    proc = subprocess.run(launcher + ["-m", "alphapo.training"] + args, cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output

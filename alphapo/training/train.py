@@ -14,7 +14,7 @@ TRL-format preference file it trains that instead (a GPU, bf16 autocast, Triton 
 
 The file reads top to bottom: config, command line, setup, checkpoints, evaluation, the
 training loop, the plot and summary. One step is ``wrapper(batch) -> (loss, aux)``
-(:class:`alphapo.modeling.AlphaPOModel`): the loss is computed inside the model's
+(:class:`alphapo.training.modeling.AlphaPOModel`): the loss is computed inside the model's
 forward from the final hidden states and the ``lm_head`` weight.
 """
 
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
+from ..loss import BACKENDS, AlphaPOLoss
 from . import data as D
 from . import parallel as P
-from .loss import BACKENDS, AlphaPOLoss
 from .modeling import AlphaPOModel, attention_implementation, load_causal_lm, tiny_llama
 from .tokenizer import load_tokenizer
 
@@ -499,7 +499,7 @@ def _train(cfg: TrainConfig, log) -> dict:
         torch.set_num_threads(cfg.threads)
     elif not cfg.model and pick_device(cfg.device).type == "cpu":
         torch.set_num_threads(1)
-    # One process per device under torchrun (see alphapo/parallel.py); rank 0 alone logs
+    # One process per device under torchrun (see alphapo/training/parallel.py); rank 0 alone logs
     # and writes files, every rank computes.
     par = P.setup(cfg.parallel, pick_device(cfg.device))
     device = par.device
@@ -604,7 +604,7 @@ def _train(cfg: TrainConfig, log) -> dict:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # DDP averages the ranks' gradients in the last micro-batch's backward; each
             # rank's loss is the mean over its B / R pairs, so the average is the whole
-            # micro-batch's mean (alphapo/parallel.py).
+            # micro-batch's mean (alphapo/training/parallel.py).
             with P.grad_sync(wrapper, par, sync=micro == cfg.grad_accum - 1):
                 with autocast():
                     loss, aux = wrapper(**batch)

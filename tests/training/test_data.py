@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from alphapo import data as D
-from alphapo.tokenizer import build_char_tokenizer
+from alphapo.training import data as D
+from alphapo.training.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from .loss import AlphaPOLoss
+from ..loss import AlphaPOLoss
 
 # Final-layer transforms of the logits that a loss computed from ``lm_head.weight`` alone
 # would silently skip (Gemma-2 soft-capping, Cohere/Granite scaling): refuse such models.

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-import alphapo.modeling as modeling
-import alphapo.train as T
-from alphapo import AlphaPOLoss, data as D
-from alphapo.tokenizer import build_char_tokenizer
+import alphapo.training.modeling as modeling
+import alphapo.training.train as T
+from alphapo import AlphaPOLoss
+from alphapo.training import data as D
+from alphapo.training.tokenizer import build_char_tokenizer
 
 # A tiny, fast configuration: ~20k parameters, 8 pairs a step, no progress bar.
 TINY = dict(train_size=256, eval_size=32, n_layer=1, n_embd=32, n_head=2, batch_size=8, eval_batch_size=16,
@@ -284,7 +285,7 @@ def test_help_lists_every_knob(capsys):
 
 
 def test_python_dash_m_runs_the_trainer():
-    out = subprocess.run([sys.executable, "-m", "alphapo.train", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "alphapo.training", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: alphapo-train" in out.stdout and "--resume" in out.stdout
 
 

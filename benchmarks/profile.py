@@ -1,7 +1,7 @@
 """Where the time goes: each kernel and GEMM of the Triton backend against cuBLAS, per variant.
 
 A developer's tool for the GPU performance work, built to run in one short call on a lent
-GPU (``python -m alphapo.kernels.profile --out $OUT/profile.json``). Per shape it times,
+GPU (``python -m benchmarks.profile --out $OUT/profile.json``). Per shape it times,
 with ``triton.testing.do_bench`` (median of warm runs):
 
 * ``gemm``: one cuBLAS GEMM of (N × H)·(H × V) in the input dtype — the unit of the cost
@@ -28,8 +28,9 @@ import time
 
 import torch
 
-from . import config as C
-from . import fused
+import alphapo
+from alphapo.kernels import config as C
+from alphapo.kernels import fused
 
 # (name, H, V, N valid tokens): the heads of DESIGN.md §3 at ~40% of 4 × 2048 × 2 valid,
 # and all-valid at the Llama-3-8B head.
@@ -118,8 +119,6 @@ def profile_shape(name, H, V, N, dtype, device) -> dict:
         ms = _timer(lambda: fused.backward_grads(h, w, None, idx, y, lse, coef, fused.DEFAULT_SCRATCH_BYTES, needs_only[part]))
         rec[f"{part}_ms"] = ms - dz_ms  # each run recomputes dz: subtract it
     rec["x_gemm"] = {k: rec[f"{k}_ms"] / gemm for k in ("dz", "grad_w", "grad_h")}
-
-    import alphapo
 
     hidden = h.view(2, N // 2, H) if N % 2 == 0 else h[: N - 1].view(2, (N - 1) // 2, H)
     target = y[: hidden.shape[0] * hidden.shape[1]].view(hidden.shape[:2])

@@ -14,7 +14,7 @@ optional NLL term (``nll_weight > 0``) is a mean over a rank's chosen *tokens*, 
 counts differ between ranks: its averaged gradient is a mean of per-rank token means,
 close to but not exactly the whole batch's token mean (as in any DDP trainer).
 
-The loss is computed inside the wrapped module's forward (:class:`alphapo.modeling.AlphaPOModel`),
+The loss is computed inside the wrapped module's forward (:class:`alphapo.training.modeling.AlphaPOModel`),
 so under FSDP2 the root module's pre-forward all-gather has unsharded ``lm_head.weight``
 (which, with the embeddings and the final norm, belongs to the root's parameter group)
 when the fused loss reads it, and its gradient is reduce-scattered after the backward
@@ -84,7 +84,7 @@ def setup(mode: str, device: torch.device) -> Parallel:
         return Parallel("none", 0, 1, device, owns_group=False)
     if not launched:
         raise ParallelError(f"parallel {mode!r} needs one process per device: launch with torchrun "
-                            "(torchrun --nproc_per_node=N -m alphapo.train ...), or use --parallel none")
+                            "(torchrun --nproc_per_node=N -m alphapo.training ...), or use --parallel none")
     if device.type == "cuda":
         if device.index is not None and world_size > 1:
             raise ParallelError(f"device {device} names one GPU for every rank; use --device cuda (rank r "
@@ -123,7 +123,7 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 
 
 def wrap(model: nn.Module, par: Parallel) -> nn.Module:
-    """``model`` (an :class:`~alphapo.modeling.AlphaPOModel` on ``par.device``) made data-parallel.
+    """``model`` (an :class:`~alphapo.training.modeling.AlphaPOModel` on ``par.device``) made data-parallel.
 
     DDP: a replica per rank whose gradients are all-reduced (averaged) in the backward.
     No buffer broadcast before each forward: the only buffers are rotary-embedding
@@ -156,7 +156,7 @@ def wrap(model: nn.Module, par: Parallel) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The :class:`~alphapo.modeling.AlphaPOModel` inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    """The :class:`~alphapo.training.modeling.AlphaPOModel` inside a DDP wrapper (FSDP2 keeps the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
