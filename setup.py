@@ -35,5 +35,5 @@ setup(
         # flash-attn builds against CUDA only: install it on a GPU machine.
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["alphapo-train=alphapo.training.train:main"]},
+    entry_points={"console_scripts": ["alphapo-train=alphapo.training.cli:main"]},
 )

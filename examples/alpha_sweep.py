@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 
 from alphapo import sequence_logprobs
+from alphapo.training import TrainConfig, train
+from alphapo.training.build import build_model, load_data
 from alphapo.training.data import PairBatches
 from alphapo.training.tokenizer import load_tokenizer
-from alphapo.training.train import TrainConfig, build_model, load_data, train
 
 CURVES = ("step", "eval_rewards/accuracies", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margins")
 

@@ -1,7 +1,7 @@
 """Data parallelism in the trainer (alphapo/training/parallel.py): DDP and FSDP2 on 2 gloo ranks.
 
 One pair of worker processes (this file run as a script, meeting through a FileStore: no
-network) trains the built-in tiny model three times with ``alphapo.training.train.train``: under
+network) trains the built-in tiny model three times with ``alphapo.training.train``: under
 DDP, under FSDP2, and under FSDP2 interrupted after its first checkpoint and resumed
 through the command line. The tests compare what the runs wrote against one process
 training on the whole batch: the same parameters (within float32 reduction-order
@@ -31,7 +31,9 @@ import torch
 
 import alphapo.training.modeling as modeling
 import alphapo.training.parallel as P
-import alphapo.training.train as T
+from alphapo.training import build, cli, loop
+from alphapo.training.config import TrainConfig
+from alphapo.training.tokenizer import load_tokenizer
 
 WORLD = 2
 COLLECTIVE_TIMEOUT_S = 60  # a desynchronised collective fails after this instead of hanging
@@ -68,7 +70,7 @@ def records(run_dir: Path) -> list[dict]:
 
 def run_job(job: str, out: Path, rank: int) -> dict:
     """One training run on this rank; what the test needs besides the run directory."""
-    cfg = T.TrainConfig(**TINY, parallel=job.split("-")[0], out_dir=str(out / job))
+    cfg = TrainConfig(**TINY, parallel=job.split("-")[0], out_dir=str(out / job))
     info = {}
     if job == "fsdp":
         # What the fused loss reads under FSDP: the whole lm_head weight, not a DTensor shard.
@@ -82,7 +84,7 @@ def run_job(job: str, out: Path, rank: int) -> dict:
 
         modeling.AlphaPOLoss.forward = spy
         try:
-            T.train(cfg, log=quiet)
+            loop.train(cfg, log=quiet)
         finally:
             modeling.AlphaPOLoss.forward = forward
         info["loss_weights"] = sorted(seen)
@@ -100,7 +102,7 @@ def run_job(job: str, out: Path, rank: int) -> dict:
 
         modeling.fused_forward = crash
         try:
-            T.train(cfg, log=quiet)
+            loop.train(cfg, log=quiet)
             raise AssertionError("the run was not interrupted")
         except Interrupt:
             pass
@@ -110,9 +112,9 @@ def run_job(job: str, out: Path, rank: int) -> dict:
         info["latest_after_crash"] = (run / "latest").read_text().strip() if rank == 0 else None
         info["steps_logged_after_crash"] = max(r["step"] for r in records(run)) if rank == 0 else None
         torch.distributed.barrier()  # rank 0 has looked before anyone resumes
-        assert T.main(["--resume", str(run), "--no-progress"]) == 0
+        assert cli.main(["--resume", str(run), "--no-progress"]) == 0
     else:
-        T.train(cfg, log=quiet)
+        loop.train(cfg, log=quiet)
     return info
 
 
@@ -156,8 +158,8 @@ def runs(tmp_path_factory) -> dict:
     ]
     try:
         # The reference: one process, the whole batch. The control: one process, half of it.
-        T.train(T.TrainConfig(**TINY, out_dir=str(out / "single")), log=quiet)
-        T.train(T.TrainConfig(**{**TINY, "batch_size": 4}, out_dir=str(out / "half")), log=quiet)
+        loop.train(TrainConfig(**TINY, out_dir=str(out / "single")), log=quiet)
+        loop.train(TrainConfig(**{**TINY, "batch_size": 4}, out_dir=str(out / "half")), log=quiet)
         logs = [proc.communicate(timeout=WORKERS_TIMEOUT_S)[0] for proc in procs]
     except subprocess.TimeoutExpired:
         pytest.fail(f"data-parallel workers still running after {WORKERS_TIMEOUT_S} s (deadlock?)")
@@ -193,9 +195,9 @@ def test_two_ranks_with_half_the_batch_match_one_process(runs, mode):
     assert_params_close(params_of(dirs[mode]), single, mode)
 
     # Not vacuous: the run moved the weights, and a run on half the data lands elsewhere.
-    cfg = T.TrainConfig(**TINY)
-    tokenizer = T.load_tokenizer("")
-    init = T.build_model(cfg, tokenizer, torch.device("cpu"), None).lm.state_dict()
+    cfg = TrainConfig(**TINY)
+    tokenizer = load_tokenizer("")
+    init = build.build_model(cfg, tokenizer, torch.device("cpu"), None).lm.state_dict()
     assert max(float((single[k] - init[k]).abs().max()) for k in single) > 100 * ATOL
     half = params_of(dirs["half"])
     assert max(float((half[k] - single[k]).abs().max()) for k in single) > 100 * ATOL
@@ -216,7 +218,7 @@ def test_two_ranks_with_half_the_batch_match_one_process(runs, mode):
 @pytest.mark.slow
 def test_fsdp_loss_reads_the_whole_lm_head(runs):
     """Inside the FSDP root's forward the fused loss gets the gathered (V, H) weight, not a shard."""
-    V = len(T.load_tokenizer(""))
+    V = len(load_tokenizer(""))
     for rank, info in enumerate(runs["info"]):
         assert info["fsdp"]["loss_weights"] == [[False, [V, TINY["n_embd"]]]], f"rank {rank}"
 
@@ -305,7 +307,7 @@ def test_setup_refuses_launches_that_cannot_work(monkeypatch, tmp_path, capsys):
     assert P.setup("auto", torch.device("cpu")).mode == "none"
     with pytest.raises(P.ParallelError, match="torchrun"):
         P.setup("fsdp", torch.device("cpu"))
-    assert T.main(["--parallel", "ddp", "--out-dir", str(tmp_path / "x"), "--train-size", "64"]) == 1
+    assert cli.main(["--parallel", "ddp", "--out-dir", str(tmp_path / "x"), "--train-size", "64"]) == 1
     assert "launch with torchrun" in capsys.readouterr().err and not (tmp_path / "x").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(P.ParallelError, match="2 processes"):

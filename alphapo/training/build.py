@@ -1,0 +1,134 @@
+"""What a run is made of, built from its config: device and precision, data, model and loss, optimizer.
+
+Each function takes the :class:`~alphapo.training.config.TrainConfig` and returns one part;
+:func:`alphapo.training.loop.train` puts them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..loss import AlphaPOLoss
+from . import data as D
+from .config import ConfigError, TrainConfig
+from .modeling import AlphaPOModel, attention_implementation, load_causal_lm, tiny_llama
+
+# ----------------------------------------------------------------------------------------
+# Device and precision
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless asked."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision bf16: this GPU does not support bfloat16; use --precision fp32")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------
+# Data, model, optimizer
+
+
+def load_data(cfg: TrainConfig, tokenizer, log):
+    """Tokenised ``(train_pairs, eval_pairs)``; data warnings go to ``log``, not a traceback."""
+    if cfg.train_file:
+        train_records = D.load_preference_file(cfg.train_file)
+        if cfg.eval_file:
+            eval_records = D.load_preference_file(cfg.eval_file)
+        else:
+            # A seeded, fixed hold-out: the same pairs on every resume.
+            n_eval = min(cfg.eval_size, len(train_records) // 10)
+            if n_eval < 1:
+                raise D.DataError(f"{cfg.train_file}: too few records ({len(train_records)}) to hold out an eval "
+                                  "split; pass --eval-file")
+            order = torch.randperm(len(train_records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            eval_records = [train_records[i] for i in order[:n_eval]]
+            train_records = [train_records[i] for i in order[n_eval:]]
+            log(f"data: held out {n_eval} of {len(order)} pairs of {cfg.train_file} for evaluation")
+        sources = (cfg.train_file, cfg.eval_file or f"{cfg.train_file} (held out)")
+    else:
+        train_records, eval_records = D.builtin_task(cfg.train_size, cfg.eval_size, seed=cfg.seed)
+        sources = ("built-in sorting task (train)", "built-in sorting task (held out)")
+    out = []
+    for records, source in zip((train_records, eval_records), sources):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pairs, _ = D.tokenize_pairs(records, tokenizer, cfg.max_length, cfg.max_prompt_length or None,
+                                        cfg.truncation, source)
+        for w in caught:
+            log(f"warning: {w.message}")
+        out.append(pairs)
+    return out
+
+
+def build_model(cfg: TrainConfig, tokenizer, device, checkpoint: Path | None):
+    attn = attention_implementation(device)
+    dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
+    if checkpoint is not None:  # resume: the weights of the checkpoint, whatever the source was
+        lm = load_causal_lm(str(checkpoint), attn, dtype, cfg.trust_remote_code)
+    elif cfg.model:
+        lm = load_causal_lm(cfg.model, attn, dtype, cfg.trust_remote_code)
+    else:
+        torch.manual_seed(cfg.seed)
+        lm = tiny_llama(len(tokenizer), tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head,
+                        max_positions=max(cfg.max_length, 64), attn_implementation=attn).to(dtype)
+    if len(tokenizer) > lm.get_output_embeddings().weight.shape[0]:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's lm_head only "
+                          f"{lm.get_output_embeddings().weight.shape[0]} rows")
+    if cfg.disable_dropout:
+        for module in lm.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+            if isinstance(getattr(lm.config, key, None), float):
+                setattr(lm.config, key, 0.0)
+    lm.config.use_cache = False
+    if cfg.gradient_checkpointing:  # renamed activation checkpointing in recent transformers
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_fn = AlphaPOLoss(
+        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
+        loss_type=cfg.loss_type, average_log_prob=cfg.average_log_prob, nll_weight=cfg.nll_weight,
+        backend=cfg.backend, scratch_bytes=cfg.scratch_mb * 2**20 or None,
+    )
+    return AlphaPOModel(lm, loss_fn).to(device)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+    return factor
+
+
+def build_optimizer(cfg: TrainConfig, params: list) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` (weight decay on matrices only) and its warm-up + cosine schedule."""
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

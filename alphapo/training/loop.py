@@ -1,0 +1,349 @@
+"""The training loop and the held-out evaluation.
+
+One optimizer step, with the loss inside the model's forward
+(:class:`alphapo.training.modeling.AlphaPOModel` hands the final hidden states and the
+``lm_head`` weight to the fused loss: no logits are built)::
+
+    for micro in range(grad_accum):             # micro-batch k = step * grad_accum + micro
+        loss, aux = wrapper(**batch)            # (2B, T) ids, mask, labels -> loss, metrics
+        (loss / grad_accum).backward()          # DDP averages the ranks' gradients on the last
+    clip the gradient norm; skip the update if the loss or the norm is not finite
+    optimizer.step(); scheduler.step()
+    every --log-every steps a metrics record, every --eval-every the held-out set,
+    every --save-every a checkpoint
+
+:func:`start` builds a :class:`Run` (everything a step needs) from the config, or from a
+checkpoint with ``--resume``; :func:`train` runs it to ``max_steps`` and returns the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import build as B
+from . import checkpoint as C
+from . import data as D
+from . import parallel as P
+from . import report as R
+from .config import TrainConfig, check_config
+from .tokenizer import load_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class Run:
+    """A run in progress: its parts, and where it stands (``step``, ``nonfinite``)."""
+
+    cfg: TrainConfig
+    par: P.Parallel
+    log: Callable[[str], None]  # rank 0's messages (the other ranks' go nowhere)
+    autocast: Callable
+    run_dir: Path
+    tokenizer: object
+    train_batches: D.PairBatches
+    eval_batches: D.PairBatches
+    wrapper: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    metrics: R.MetricsLog
+    step: int = 0
+    nonfinite: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.par.device
+
+
+@dataclass
+class Window:
+    """The training metrics of the steps since the last record (summed), and their tokens."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    tokens: torch.Tensor | int = 0
+    since: float = field(default_factory=time.time)
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+
+
+# ----------------------------------------------------------------------------------------
+# Setup
+
+
+def start(cfg: TrainConfig, log) -> Run:
+    """Process group, tokenizer, data, model, optimizer; with ``--resume``, their saved state."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break our progress bar
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif not cfg.model and B.pick_device(cfg.device).type == "cpu":
+        torch.set_num_threads(1)
+    # One process per device under torchrun (see alphapo/training/parallel.py); rank 0 alone logs
+    # and writes files, every rank computes.
+    par = P.setup(cfg.parallel, B.pick_device(cfg.device))
+    if not par.is_main:
+        log = lambda *args: None  # noqa: E731
+    autocast = B.autocast_context(cfg, par.device)
+    checkpoint = C.find_checkpoint(cfg.resume) if cfg.resume else None
+    if cfg.out_dir:
+        run_dir = Path(cfg.out_dir)
+    elif checkpoint is not None:
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir = Path(P.broadcast(str(C.fresh_run_dir()), par))  # rank 0's clock names the run
+
+    # Tokenizer, data and model. A resumed run takes all three from the checkpoint's
+    # directory and the same files, so it sees the same token ids and the same batches.
+    tokenizer = load_tokenizer(str(checkpoint) if checkpoint else (cfg.tokenizer or cfg.model),
+                               trust_remote_code=cfg.trust_remote_code)
+    train_pairs, eval_pairs = B.load_data(cfg, tokenizer, log)
+    pad_id = tokenizer.pad_token_id
+    # Global micro-batches, the same on every rank; each rank takes its B / R pairs of one.
+    train_batches = D.PairBatches(train_pairs, cfg.batch_size, pad_id, seed=cfg.seed)
+    eval_batches = D.PairBatches(eval_pairs, cfg.eval_batch_size, pad_id, shuffle=False)
+    P.pair_range(cfg.batch_size, par)  # fail now if the batch does not split evenly over the ranks
+    wrapper = P.wrap(B.build_model(cfg, tokenizer, par.device, checkpoint), par)
+    wrapper.train()
+    # Only now, with data and model in hand, does the run get a directory: a bad data file
+    # or model path leaves nothing behind.
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer, scheduler = B.build_optimizer(cfg, params)
+    step, nonfinite = 0, 0
+    if checkpoint is not None:
+        step, nonfinite = C.restore(checkpoint, wrapper, optimizer, scheduler, par)
+    metrics = R.MetricsLog.start(run_dir, par, checkpoint, step)
+    if checkpoint is not None:
+        log(f"resumed from {checkpoint} at step {step}")
+    n_params = sum(p.numel() for p in wrapper.parameters())
+    log(f"alphapo-train: {'built-in tiny Llama' if not cfg.model else cfg.model} ({n_params / 1e6:.2f}M params), "
+        f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs, {cfg.max_steps} steps of "
+        f"{cfg.batch_size * cfg.grad_accum} pairs on {par.device}"
+        f"{f' x {par.world_size} ({par.mode})' if par.world_size > 1 else ''}, alpha={cfg.alpha} -> {run_dir}")
+    return Run(cfg, par, log, autocast, run_dir, tokenizer, train_batches, eval_batches, wrapper, params,
+               optimizer, scheduler, metrics, step, nonfinite)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run one training job; returns the summary (also written to ``summary.json``).
+
+    Called as a library function (the tests, the alpha sweep), it leaves torch's CPU
+    thread count as it found it.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, log) -> dict:
+    t_start = time.time()
+    check_config(cfg)
+    run = start(cfg, log)
+    if run.step == 0:
+        before = evaluate(run)
+        run.metrics.record({"step": 0, **before})
+        run.log(f"step 0: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
+                f"chosen log-prob {before['eval_logps/chosen']:.3f}")
+    progress = R.Progress(cfg, run.step, run.log, run.par)
+    window = Window()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    try:
+        while run.step < cfg.max_steps:
+            loss, grad_norm, step_metrics, tokens = train_step(run)
+            finite = update(run, loss, grad_norm, progress)
+            run.step += 1
+            window.tokens += tokens
+            if finite:
+                window.add({"loss": loss, "grad_norm": grad_norm.double(), **step_metrics})
+            window = after_step(run, window, progress, t_start)
+    finally:
+        progress.close()
+    return finish(run, time.time() - t_start)
+
+
+def train_step(run: Run):
+    """Forward and backward over ``grad_accum`` micro-batches: ``(loss, grad_norm, metrics, tokens)``.
+
+    Micro-batch k of the whole run is a pure function of k, which is what makes
+    ``--resume`` exact. The loss and metrics are means over the step's pairs (this rank's).
+    """
+    cfg, device = run.cfg, run.device
+    step_loss = torch.zeros((), device=device, dtype=torch.float64)
+    step_metrics: dict[str, torch.Tensor] = {}
+    step_tokens = torch.zeros((), device=device, dtype=torch.long)
+    for micro in range(cfg.grad_accum):
+        batch, _ = P.local_batch(run.train_batches.batch(run.step * cfg.grad_accum + micro), run.par)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # DDP averages the ranks' gradients in the last micro-batch's backward; each
+        # rank's loss is the mean over its B / R pairs, so the average is the whole
+        # micro-batch's mean (alphapo/training/parallel.py).
+        with P.grad_sync(run.wrapper, run.par, sync=micro == cfg.grad_accum - 1):
+            with run.autocast():
+                loss, aux = run.wrapper(**batch)
+            (loss / cfg.grad_accum).backward()
+        step_loss += loss.detach().double() / cfg.grad_accum
+        for k, v in aux.to_dict().items():
+            step_metrics[k] = step_metrics.get(k, 0) + v.double() / cfg.grad_accum
+        step_tokens += batch["attention_mask"].sum()
+    grad_norm = P.clip_grad_norm(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    # The mean over ranks: the whole batch's loss, and one skip decision for every rank.
+    step_loss = P.all_reduce({"loss": step_loss}, run.par, op="mean")["loss"]
+    return step_loss, grad_norm, step_metrics, step_tokens
+
+
+def update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, progress: R.Progress) -> bool:
+    """The optimizer step, unless the loss or gradient is not finite (then skipped, counted)."""
+    cfg = run.cfg
+    # The one host sync per step: skip an update whose loss or gradient is not finite.
+    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if finite:
+        run.optimizer.step()
+    else:
+        run.nonfinite += 1
+        progress.say(f"warning: step {run.step + 1}: non-finite loss ({loss.item()}) or gradient norm "
+                     f"({grad_norm.item()}); update skipped ({run.nonfinite}/{cfg.max_nonfinite})")
+        if run.nonfinite >= cfg.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{run.nonfinite} steps had a non-finite loss or gradient (--max-nonfinite {cfg.max_nonfinite}); "
+                f"stopped at step {run.step + 1}. Lower --lr or check the data, then --resume {run.run_dir} "
+                "(its last checkpoint predates the failures)"
+            )
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # torch warns when a skipped first step precedes this
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        run.scheduler.step()  # the schedule follows the step count, skipped steps included
+    return finite
+
+
+def after_step(run: Run, window: Window, progress: R.Progress, t_start: float) -> Window:
+    """The record of the log window, the held-out evaluation and the checkpoint that are due.
+
+    Returns the log window to go on with: a new one once a record closed this one.
+    """
+    cfg, step = run.cfg, run.step
+    # A checkpoint step closes the log window too, so a resumed run logs the same records.
+    saving = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
+    entry = None
+    if step % cfg.log_every == 0 or saving:
+        elapsed = time.time() - window.since
+        sums = P.all_reduce(window.sums, run.par, op="mean")  # each rank's metrics are over its own pairs
+        tokens = P.all_reduce({"tokens": window.tokens}, run.par)["tokens"]
+        entry = {"step": step, "lr": run.scheduler.get_last_lr()[0]}
+        entry |= {k: float(v / max(window.steps, 1)) for k, v in sums.items()}
+        entry |= {"tokens_per_s": float(tokens) / max(elapsed, 1e-9), "peak_mem_mb": R.peak_memory_mb(run.device),
+                  "nonfinite_steps": run.nonfinite, "time_s": time.time() - t_start}
+        run.metrics.record(entry)
+        window = Window()
+    progress.step(entry)
+
+    if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        result = evaluate(run)
+        run.metrics.record({"step": step, **result})
+        progress.say(f"step {step}: held-out reward accuracy {result['eval_rewards/accuracies']:.1%}, "
+                     f"margin {result['eval_rewards/margins']:.2f}, chosen log-prob {result['eval_logps/chosen']:.3f}, "
+                     f"rejected {result['eval_logps/rejected']:.3f}")
+
+    if saving:
+        C.save_checkpoint(run.run_dir, run.wrapper, run.tokenizer, run.optimizer, run.scheduler, step, run.nonfinite,
+                          cfg, cfg.keep_last, run.par)
+    return window
+
+
+def finish(run: Run, seconds: float) -> dict:
+    """The summary (printed, and with the plot written by rank 0); the process group is torn down."""
+    summary = R.summarize(run.metrics.history, run.run_dir, run.cfg, seconds)
+    if run.par.is_main:
+        if run.cfg.plot:
+            R.plot_metrics(run.metrics.history, run.run_dir / "plot.png", title=f"AlphaPO, alpha = {run.cfg.alpha}")
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    R.print_summary(summary, run.log)
+    P.teardown(run.par)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on the held-out pairs
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Metrics over every held-out pair, TRL's names with an ``eval_`` prefix.
+
+    Under data parallelism each rank evaluates its share of every batch and the sums are
+    added over ranks; a rank left without a pair of the last batch runs a stand-in with
+    weight 0 (under FSDP the forward is a collective every rank must join).
+    """
+    wrapper, par = run.wrapper, run.par
+    was_training = wrapper.training
+    wrapper.eval()
+    per_pair = {k: [] for k in ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards",
+                                "reward_accuracy", "reward_margin")}
+    weighted = dict.fromkeys(("loss", "chosen_logits_mean", "rejected_logits_mean", "nll_loss"), 0.0)
+    counts = dict.fromkeys(("pairs", "chosen_tokens", "rejected_tokens"), 0)
+    for batch in run.eval_batches:
+        batch, n_pairs = P.local_batch(batch, par, even=False)
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with run.autocast():
+            loss, aux = wrapper(**batch)
+        for k in per_pair:
+            per_pair[k].append(getattr(aux, k)[:n_pairs])
+        # Pair means are weighted by pairs, token means (logits, NLL) by their target
+        # tokens: the totals do not depend on how the pairs are batched or sharded.
+        valid = batch["labels"][:, 1:] != -100  # the targets (collate's ignore index)
+        n_chosen, n_rejected = valid[:n_pairs].sum(), valid[valid.shape[0] // 2 :][:n_pairs].sum()
+        weighted["loss"] += loss.double() * n_pairs
+        weighted["chosen_logits_mean"] += aux.chosen_logits_mean.double() * n_chosen
+        weighted["rejected_logits_mean"] += aux.rejected_logits_mean.double() * n_rejected
+        weighted["nll_loss"] += aux.nll_loss.double() * n_chosen
+        counts["pairs"] += n_pairs
+        counts["chosen_tokens"] += n_chosen
+        counts["rejected_tokens"] += n_rejected
+    wrapper.train(was_training)
+    sums = {k: torch.cat(v).double().sum() for k, v in per_pair.items()} | weighted | counts
+    sums = P.all_reduce(sums, par)  # over ranks
+    return eval_metrics(sums, list(per_pair))
+
+
+def eval_metrics(sums: dict, per_pair: list[str]) -> dict[str, float]:
+    """The held-out sums over every pair and token turned into means, under TRL's names."""
+    n_pairs = int(sums["pairs"])
+    pair = {k: sums[k] / n_pairs for k in per_pair}
+    metrics = {
+        "loss": sums["loss"] / n_pairs,
+        "rewards/chosen": pair["chosen_rewards"],
+        "rewards/rejected": pair["rejected_rewards"],
+        "rewards/accuracies": pair["reward_accuracy"],
+        "rewards/margins": pair["reward_margin"],
+        "logps/chosen": pair["chosen_logps"],
+        "logps/rejected": pair["rejected_logps"],
+        "logits/chosen": sums["chosen_logits_mean"] / sums["chosen_tokens"],
+        "logits/rejected": sums["rejected_logits_mean"] / sums["rejected_tokens"],
+        "nll_loss": sums["nll_loss"] / sums["chosen_tokens"],
+    }
+    return {f"eval_{k}": float(v) for k, v in metrics.items()} | {"eval_pairs": n_pairs}
