@@ -14,6 +14,7 @@ alone writes, and nobody goes on until the checkpoint is complete.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -29,12 +30,110 @@ class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be resumed from; the message names the path."""
 
 
-def fresh_run_dir(root: str = "runs") -> Path:
+# ----------------------------------------------------------------------------------------
+# Run directories
+#
+# A directory holds one run. A run refuses a directory that holds another one (its files
+# would be overwritten and its checkpoints rotated away), unless --overwrite asks for
+# exactly that; and it claims its directory atomically, once data and model have loaded:
+# a fresh one with mkdir (exactly one process creates a given name), an explicit one by
+# creating config.json exclusively. Two runs started together never share a directory.
+
+# What a run writes into its directory; a directory with any of these holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "plot.png", "latest", "checkpoints")
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step-N``), or None."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def describe_run(path: Path) -> str:
+    steps = sorted(_step_of(p) for p in (path / "checkpoints").glob("step-*") if _step_of(p) is not None)
+    return f"checkpoints up to step {steps[-1]}" if steps else "no checkpoint"
+
+
+def check_run_dir(run_dir: Path | None, resumed: Path | None, overwrite: bool) -> None:
+    """Refuse, before anything loads, a directory whose run this one would destroy.
+
+    ``resumed``: the run directory being resumed, which this run continues in place.
+    """
+    if run_dir is None:
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out-dir {run_dir}: exists and is not a directory")
+    same = resumed is not None and run_dir.resolve() == resumed.resolve()
+    if same and overwrite:
+        raise CheckpointError(f"--overwrite would delete {run_dir}, the run being resumed; leave it out to "
+                              "continue that run, or give a new --out-dir")
+    if holds_run(run_dir) and not same and not overwrite:
+        raise CheckpointError(
+            f"--out-dir {run_dir} already holds a run ({describe_run(run_dir)}): continue it with "
+            f"--resume {run_dir}, choose another --out-dir, or pass --overwrite to replace it (its checkpoints "
+            "and metrics are deleted)")
+
+
+def claim_run_dir(run_dir: Path | None, resumed: Path | None, overwrite: bool, config: dict,
+                  root: str = "runs") -> Path:
+    """Create or take the run's directory, atomically, and write ``config.json`` into it.
+
+    ``run_dir`` None: a fresh ``<root>/alphapo-<date>-<time>[-N]``. A directory that gained
+    a run since :func:`check_run_dir` (another process took it meanwhile) is refused.
+    """
+    text = json.dumps(config, indent=1)
+    if run_dir is None:
+        run_dir = _fresh_run_dir(Path(root))
+    elif resumed is not None and run_dir.resolve() == resumed.resolve():
+        _replace_file(run_dir / "config.json", text)  # the run's config from this step on
+        return run_dir
+    else:
+        check_run_dir(run_dir, resumed, overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    try:
+        with open(run_dir / "config.json", "x") as f:  # "x": exactly one run creates it
+            f.write(text)
+    except FileExistsError:
+        raise CheckpointError(f"--out-dir {run_dir} already holds a run: another run took it while this one "
+                              "was loading; choose another --out-dir") from None
+    return run_dir
+
+
+def newer_checkpoints(run_dir: Path, step: int) -> list[str]:
+    """The checkpoints of ``run_dir`` past ``step``: left by the run before it was resumed earlier."""
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (_step_of(p) or 0) > step)
+
+
+def _fresh_run_dir(root: Path) -> Path:
     stamp = time.strftime("alphapo-%Y%m%d-%H%M%S")
-    path, n = Path(root) / stamp, 1
-    while path.exists():
-        path, n = Path(root) / f"{stamp}-{n}", n + 1
-    return path
+    root.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        path = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            path.mkdir()  # atomic: of two runs in the same second, one gets -1
+            return path
+        except FileExistsError:
+            continue
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename: readers see the old or the new text."""
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step_of(path: Path) -> int | None:
+    """N of a ``step-N`` checkpoint directory."""
+    name = path.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() and path.is_dir() else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,11 +169,12 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, ste
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    latest_tmp = run_dir / f".latest-{os.getpid()}"
-    latest_tmp.write_text(f"checkpoints/{final.name}\n")
-    os.replace(latest_tmp, run_dir / "latest")
-    kept = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in kept[:-keep_last]:
+    _replace_file(run_dir / "latest", f"checkpoints/{final.name}\n")
+    # Rotation deletes only checkpoints older than this one, never the one `latest` names;
+    # newer ones (from before a resume at an earlier checkpoint) are replaced as the run
+    # reaches their step.
+    older = sorted((_step_of(p), p) for p in ckpt_root.iterdir() if (_step_of(p) or step) < step)
+    for _, old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old)
     P.barrier(par)
     return final

@@ -96,6 +96,8 @@ class TrainConfig:
                         "too small to share: more threads only add contention), torch's default otherwise")
     # outputs and checkpoints
     out_dir: str = knob("", "run directory; empty: a fresh runs/alphapo-<date>-<time>")
+    overwrite: bool = knob(False, "replace the run that --out-dir holds (its checkpoints and metrics are deleted) "
+                           "instead of refusing the directory")
     resume: str = knob("", "continue from a run directory (its latest checkpoint) or a checkpoint directory")
     eval_batch_size: int = knob(64, "pairs per evaluation batch")
     log_every: int = knob(10, "steps between metrics.jsonl records (averaged over the interval)")
@@ -211,6 +213,7 @@ def parse_config(argv=None) -> TrainConfig:
     if values.get("resume"):
         base = C.saved_config(C.find_checkpoint(values["resume"]))
         base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
-        base.pop("out_dir", None)
+        for name in ("out_dir", "overwrite"):  # this invocation's, never the saved run's
+            base.pop(name, None)
     return check_config(TrainConfig(**{**base, **values}))
 

@@ -101,12 +101,11 @@ def start(cfg: TrainConfig, log) -> Run:
         log = lambda *args: None  # noqa: E731
     autocast = B.autocast_context(cfg, par.device)
     checkpoint = C.find_checkpoint(cfg.resume) if cfg.resume else None
-    if cfg.out_dir:
-        run_dir = Path(cfg.out_dir)
-    elif checkpoint is not None:
-        run_dir = checkpoint.parent.parent
-    else:
-        run_dir = Path(P.broadcast(str(C.fresh_run_dir()), par))  # rank 0's clock names the run
+    resumed = C.run_of(checkpoint) if checkpoint is not None else None
+    # The run continues in the directory it resumes (unless --out-dir says otherwise);
+    # None: a fresh one, named when it is claimed.
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else resumed
+    C.check_run_dir(run_dir, resumed, cfg.overwrite)  # before seconds of loading, not after
 
     # Tokenizer, data and model. A resumed run takes all three from the checkpoint's
     # directory and the same files, so it sees the same token ids and the same batches.
@@ -120,20 +119,24 @@ def start(cfg: TrainConfig, log) -> Run:
     P.pair_range(cfg.batch_size, par)  # fail now if the batch does not split evenly over the ranks
     wrapper = P.wrap(B.build_model(cfg, tokenizer, par.device, checkpoint), par)
     wrapper.train()
-    # Only now, with data and model in hand, does the run get a directory: a bad data file
-    # or model path leaves nothing behind.
+    # Only now, with data and model in hand, does the run claim its directory: a bad data
+    # file or model path leaves nothing behind. Rank 0 claims it, every rank learns where.
     if par.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        run_dir = C.claim_run_dir(run_dir, resumed, cfg.overwrite, dataclasses.asdict(cfg))
+    run_dir = Path(P.broadcast(str(run_dir), par))
 
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer, scheduler = B.build_optimizer(cfg, params)
     step, nonfinite = 0, 0
     if checkpoint is not None:
         step, nonfinite = C.restore(checkpoint, wrapper, optimizer, scheduler, par)
-    metrics = R.MetricsLog.start(run_dir, par, checkpoint, step)
+    metrics = R.MetricsLog.start(run_dir, par, resumed, step)
     if checkpoint is not None:
         log(f"resumed from {checkpoint} at step {step}")
+        newer = C.newer_checkpoints(run_dir, step)
+        if newer:
+            log(f"note: {', '.join(newer)} in {run_dir / 'checkpoints'} come from before this resume; each is "
+                "replaced when this run reaches its step")
     n_params = sum(p.numel() for p in wrapper.parameters())
     log(f"alphapo-train: {'built-in tiny Llama' if not cfg.model else cfg.model} ({n_params / 1e6:.2f}M params), "
         f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs, {cfg.max_steps} steps of "
@@ -164,10 +167,10 @@ def _train(cfg: TrainConfig, log) -> dict:
     t_start = time.time()
     check_config(cfg)
     run = start(cfg, log)
-    if run.step == 0:
+    if not any("eval_loss" in r for r in run.metrics.history):  # the summary's "before"
         before = evaluate(run)
-        run.metrics.record({"step": 0, **before})
-        run.log(f"step 0: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
+        run.metrics.record({"step": run.step, **before})
+        run.log(f"step {run.step}: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
                 f"chosen log-prob {before['eval_logps/chosen']:.3f}")
     progress = R.Progress(cfg, run.step, run.log, run.par)
     window = Window()

@@ -29,23 +29,20 @@ class MetricsLog:
         self.history: list[dict] = history or []
 
     @classmethod
-    def start(cls, run_dir: Path, par: P.Parallel, checkpoint: Path | None = None, step: int = 0) -> "MetricsLog":
-        """A fresh file, or, resuming, the records up to ``step`` of the checkpoint's run.
+    def start(cls, run_dir: Path, par: P.Parallel, resumed: Path | None = None, step: int = 0) -> "MetricsLog":
+        """A fresh file, or, resuming, the records up to ``step`` of the resumed run's.
 
         A crashed run may have logged past its last checkpoint: those records are dropped,
         and the resumed run logs them again.
         """
         path = run_dir / "metrics.jsonl"
         history = []
-        if checkpoint is not None:
-            source = checkpoint.parent.parent / "metrics.jsonl"
-            if source.is_file():
-                history = [r for r in map(json.loads, source.read_text().splitlines()) if r["step"] <= step]
-            P.barrier(par)  # every rank has read the records before rank 0 rewrites them
-            if par.is_main:
-                path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        elif path.exists() and par.is_main:
-            path.unlink()
+        if resumed is not None and (resumed / "metrics.jsonl").is_file():
+            history = [r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+                       if r["step"] <= step]
+        P.barrier(par)  # every rank has read the records before rank 0 rewrites them
+        if par.is_main:
+            path.write_text("".join(json.dumps(r) + "\n" for r in history))
         return cls(path, par, history)
 
     def record(self, entry: dict) -> None:

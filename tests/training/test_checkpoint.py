@@ -1,15 +1,18 @@
-"""Checkpoints and resume: an interrupted run resumed from its directory is the uninterrupted run."""
+"""Run directories, checkpoints and resume: nothing lost, and a resumed run is the uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
-from tiny_runs import params_of, quiet, tiny_config
+from tiny_runs import TINY, flags, params_of, quiet, tiny_config
 
 import alphapo.training.modeling as modeling
-from alphapo.training import cli, loop
+from alphapo.training import build, cli, loop
+from alphapo.training import checkpoint as C
+from alphapo.training.config import TrainConfig
 
 
 class Interrupt(Exception):
@@ -52,3 +55,76 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
     # Checkpoint steps close the log window, so even the averaged records agree.
     assert losses(cut) == losses(tmp_path / "full")
+
+
+# ---------------------------------------------------------------------------------------
+# Run directories
+
+
+def checkpoints_of(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_a_directory_holding_a_run_is_refused_until_resumed_or_overwritten(tmp_path, capsys):
+    run = tmp_path / "R"
+    assert cli.main(["--out-dir", str(run), *flags({**TINY, "max_steps": 6, "keep_last": 2})]) == 0
+    before = checkpoints_of(run), (run / "latest").read_text(), (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    # A second, shorter run into the same directory would have rotated the first one away.
+    assert cli.main(["--out-dir", str(run), *flags({**TINY, "max_steps": 3})]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("alphapo-train: error: ") and "Traceback" not in err
+    assert str(run) in err and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (checkpoints_of(run), (run / "latest").read_text(), (run / "metrics.jsonl").read_text()) == before
+    assert cli.main(["--resume", str(run), "--no-progress"]) == 0
+
+    # Asked for explicitly, the directory is the new run's alone.
+    assert cli.main(["--out-dir", str(run), "--overwrite", *flags({**TINY, "max_steps": 3})]) == 0
+    assert checkpoints_of(run) == ["step-000002", "step-000003"]
+    assert (run / "latest").read_text().strip() == "checkpoints/step-000003"
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert cli.main(["--resume", str(run), "--max-steps", "4", "--no-progress"]) == 0
+
+
+def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
+    """Resumed from an older checkpoint with --keep-last 1: the newer ones of the first pass
+    must not make rotation delete the checkpoint just written."""
+    run = tmp_path / "R"
+    loop.train(tiny_config(tmp_path, "R", max_steps=6, keep_last=3), log=quiet)
+    assert cli.main(["--resume", str(run / "checkpoints" / "step-000002"), "--keep-last", "1", "--max-steps", "4",
+                     "--no-progress"]) == 0
+    latest = run / (run / "latest").read_text().strip()
+    assert latest.name == "step-000004" and (latest / "model.safetensors").is_file()
+    assert "step-000002" not in checkpoints_of(run)
+
+
+def run_meanwhile(monkeypatch, cfg) -> list[dict]:
+    """Make the next run start, and finish, a run of ``cfg`` while it loads its own model."""
+    real, inner = build.build_model, []
+
+    def build_model(*args, **kwargs):
+        if not inner:  # the outer run's call; the inner run's own call goes straight through
+            inner.append(None)
+            inner[0] = loop.train(cfg, log=quiet)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "build_model", build_model)
+    return inner
+
+
+def test_runs_started_in_the_same_second_never_share_a_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "alphapo-20250101-120000")
+    inner = run_meanwhile(monkeypatch, TrainConfig(**{**TINY, "max_steps": 2}))
+    outer = loop.train(TrainConfig(**{**TINY, "max_steps": 2}), log=quiet)
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["alphapo-20250101-120000", "alphapo-20250101-120000-1"]
+    assert {inner[0]["run_dir"], outer["run_dir"]} == {f"runs/{name}" for name in runs}
+
+
+def test_an_out_dir_taken_by_another_run_meanwhile_is_refused(tmp_path, monkeypatch):
+    inner = run_meanwhile(monkeypatch, tiny_config(tmp_path, "R", max_steps=2))
+    with pytest.raises(C.CheckpointError, match="already holds a run"):
+        loop.train(tiny_config(tmp_path, "R", max_steps=3), log=quiet)
+    assert inner[0]["steps"] == 2 and (tmp_path / "R" / "latest").read_text().strip() == "checkpoints/step-000002"
