@@ -15,8 +15,10 @@ import torch
 
 from ..loss import AlphaPOLoss
 from . import data as D
+from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .modeling import AlphaPOModel, attention_implementation, load_causal_lm, tiny_llama
+from .tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------
 # Device and precision
@@ -75,17 +77,40 @@ def load_data(cfg: TrainConfig, tokenizer, log):
     return out
 
 
-def build_model(cfg: TrainConfig, tokenizer, device, checkpoint: Path | None):
+def build_tokenizer(cfg: TrainConfig, checkpoint: Path | None):
+    """The checkpoint's tokenizer when resuming (the same token ids), else --tokenizer's, --model's or the built-in."""
+    source = str(checkpoint) if checkpoint is not None else (cfg.tokenizer or cfg.model)
+    try:
+        return load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, ...): name the path
+        error = CheckpointError if checkpoint is not None else ConfigError
+        raise error(f"tokenizer {source}: does not load ({type(e).__name__}: {e})") from e
+
+
+def load_lm(cfg: TrainConfig, tokenizer, device, checkpoint: Path | None):
+    """The causal LM: the checkpoint's weights when resuming (whatever the source was), --model's, or
+    the built-in tiny Llama (random init). Loaded weights must be finite: NaN weights would only
+    show up as steps of NaN loss later."""
     attn = attention_implementation(device)
     dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else torch.float32
-    if checkpoint is not None:  # resume: the weights of the checkpoint, whatever the source was
-        lm = load_causal_lm(str(checkpoint), attn, dtype, cfg.trust_remote_code)
-    elif cfg.model:
-        lm = load_causal_lm(cfg.model, attn, dtype, cfg.trust_remote_code)
-    else:
+    if checkpoint is None and not cfg.model:
         torch.manual_seed(cfg.seed)
-        lm = tiny_llama(len(tokenizer), tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head,
-                        max_positions=max(cfg.max_length, 64), attn_implementation=attn).to(dtype)
+        return tiny_llama(len(tokenizer), tokenizer, cfg.n_layer, cfg.n_embd, cfg.n_head,
+                          max_positions=max(cfg.max_length, 64), attn_implementation=attn).to(dtype)
+    source, error = (checkpoint, CheckpointError) if checkpoint is not None else (cfg.model, ConfigError)
+    try:
+        lm = load_causal_lm(str(source), attn, dtype, cfg.trust_remote_code)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, ...): name the path
+        raise error(f"{source}: the model does not load ({type(e).__name__}: {e})") from e
+    for name, param in lm.named_parameters():
+        if not torch.isfinite(param).all():
+            raise error(f"{source}: parameter {name} is not finite (NaN or inf): these weights cannot train")
+    return lm
+
+
+def build_model(cfg: TrainConfig, tokenizer, device, checkpoint: Path | None):
+    """The LM with the AlphaPO loss inside its forward (:class:`AlphaPOModel`), on ``device``."""
+    lm = load_lm(cfg, tokenizer, device, checkpoint)
     if len(tokenizer) > lm.get_output_embeddings().weight.shape[0]:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's lm_head only "
                           f"{lm.get_output_embeddings().weight.shape[0]} rows")

@@ -9,11 +9,19 @@ one. The trainer state holds only tensors, numbers and strings, so it loads with
 ``torch.load(weights_only=True)``: no pickled code runs on resume. Under data parallelism
 every rank joins in (FSDP gathers the full model and optimizer state onto rank 0), rank 0
 alone writes, and nobody goes on until the checkpoint is complete.
+
+Every checkpoint carries ``checksums.sha256`` (``sha256sum -c`` reads it), verified before
+anything loads: a truncated or bit-flipped file is named with its path instead of loading
+as garbage (a same-size corruption of ``model.safetensors`` used to train NaN weights).
+Resuming a run directory takes its latest checkpoint or, when that one is missing or
+damaged, the newest intact one before it, and says so; a damaged checkpoint asked for by
+name is refused, with the newest intact one offered.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -164,6 +172,7 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, ste
         state["rng_ranks"] = rng_ranks  # each rank's generators, restored rank by rank on resume
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+    write_checksums(tmp)  # last: a checkpoint with checksums is a complete one
     if final.exists():  # the same step saved again (a resumed run): move the old one aside first
         old = ckpt_root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -184,25 +193,154 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, ste
 # Finding and loading
 
 
-def find_checkpoint(path) -> Path:
-    """A checkpoint directory, or a run directory's latest checkpoint."""
+def find_checkpoint(path) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from, and notes on what was passed over on the way there.
+
+    ``path`` is a checkpoint directory, which must be intact, or a run directory: its
+    ``latest`` checkpoint, or the newest intact one before it when that is missing or
+    damaged (the notes say which, and why).
+    """
     path = Path(path)
-    if (path / "trainer_state.pt").is_file():
-        return path
-    if (path / "latest").is_file():
-        ckpt = path / (path / "latest").read_text().strip()
-        if (ckpt / "trainer_state.pt").is_file():
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such directory")
+    if _is_checkpoint(path):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            run = run_of(path)
+            intact = _newest_intact(run, below=_step_of(path)) if run is not None else None
+            offer = (f"; the newest intact checkpoint before it is {intact}: --resume {intact}" if intact else
+                     "; no intact checkpoint before it")
+            raise CheckpointError(f"--resume {path}: {e}{offer}") from None
+        return path, []
+    if not ((path / "latest").is_file() or (path / "checkpoints").is_dir()):
+        raise CheckpointError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run directory "
+                              "(latest, checkpoints/)")
+    notes = []
+    latest = _read_latest(path)
+    if latest is not None and not latest.is_dir():
+        notes.append(f"latest names {latest.relative_to(path)}, which does not exist")
+    below = _step_of(latest) if latest is not None and latest.is_dir() else None
+    candidates = ([latest] if below is not None else []) + _checkpoints(path, below=below)
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            notes.append(str(e))
+            continue
+        if notes:
+            notes.append(f"resuming from {ckpt.relative_to(path)}, the newest intact checkpoint")
+        return ckpt, notes
+    found = "; ".join(notes) or "no checkpoint was written"
+    raise CheckpointError(f"--resume {path}: no intact checkpoint to resume from ({found})")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return any((path / name).is_file() for name in (CHECKSUMS, "trainer_state.pt", "trainer_state.json"))
+
+
+def _read_latest(run_dir: Path) -> Path | None:
+    try:
+        return run_dir / (run_dir / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _checkpoints(run_dir: Path, below: int | None = None) -> list[Path]:
+    """The run's ``step-N`` checkpoints, newest first; only those before step ``below`` if given."""
+    found = [(_step_of(p), p) for p in (run_dir / "checkpoints").glob("step-*")]
+    return [p for step, p in sorted(found, reverse=True) if step is not None and (below is None or step < below)]
+
+
+def _newest_intact(run_dir: Path, below: int | None) -> Path | None:
+    for ckpt in _checkpoints(run_dir, below):
+        try:
+            verify_checkpoint(ckpt)
             return ckpt
-    raise CheckpointError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run directory (latest)")
+        except CheckpointError:
+            continue
+    return None
+
+
+def clean_incomplete(run_dir: Path) -> list[str]:
+    """Remove what a save killed halfway left behind (its temporary directory, a half-replaced file)."""
+    leftovers = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *(run_dir / "checkpoints").glob(".old-step-*"),
+                 *run_dir.glob(".latest-*"), *run_dir.glob(".config.json-*")]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return sorted(p.name for p in leftovers)
+
+
+# ----------------------------------------------------------------------------------------
+# Checksums: one SHA-256 per file, written last, verified before a checkpoint is loaded.
+
+CHECKSUMS = "checksums.sha256"
+_verified: set[tuple] = set()  # checkpoints verified by this process, as (path, files' size and mtime)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(ckpt: Path) -> None:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.relative_to(ckpt).as_posix()}\n" for p in files]
+    (ckpt / CHECKSUMS).write_text("".join(lines))
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first file of ``ckpt`` that is missing or damaged.
+
+    A checkpoint written before checksums existed has only its required files checked
+    here; its loaders name the file if one fails.
+    """
+    for name in ("trainer_state.pt", "trainer_state.json"):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name}: missing, so {ckpt} is incomplete")
+    manifest = ckpt / CHECKSUMS
+    if not manifest.is_file():
+        return
+    key = (str(ckpt.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(ckpt.iterdir())))
+    if key in _verified:  # hashing a large model twice (config, then training) costs seconds
+        return
+    try:
+        entries = [line.split("  ", 1) for line in manifest.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable ({e})") from None
+    if not entries or any(len(entry) != 2 or len(entry[0]) != 64 for entry in entries):
+        raise CheckpointError(f"{manifest}: damaged (not lines of '<sha256>  <file>')")
+    for digest, name in entries:
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {manifest.name})")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: damaged (its SHA-256 differs from the one written with the checkpoint)")
+    _verified.add(key)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
 
 
 def saved_config(checkpoint: Path) -> dict:
     """The knob values the checkpoint's run was trained with."""
-    return json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+    path = checkpoint / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+    path = checkpoint / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever torch.load raises on a bad file: name the file
+        raise CheckpointError(f"{path}: does not load ({type(e).__name__}: {e})") from e
 
 
 def restore(checkpoint: Path, wrapper, optimizer, scheduler, par: P.Parallel) -> tuple[int, int]:

@@ -211,7 +211,7 @@ def parse_config(argv=None) -> TrainConfig:
     values = {**file_values, **args}
     base = {}
     if values.get("resume"):
-        base = C.saved_config(C.find_checkpoint(values["resume"]))
+        base = C.saved_config(C.find_checkpoint(values["resume"])[0])
         base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
         for name in ("out_dir", "overwrite"):  # this invocation's, never the saved run's
             base.pop(name, None)

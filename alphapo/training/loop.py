@@ -34,7 +34,6 @@ from . import data as D
 from . import parallel as P
 from . import report as R
 from .config import TrainConfig, check_config
-from .tokenizer import load_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,7 +99,9 @@ def start(cfg: TrainConfig, log) -> Run:
     if not par.is_main:
         log = lambda *args: None  # noqa: E731
     autocast = B.autocast_context(cfg, par.device)
-    checkpoint = C.find_checkpoint(cfg.resume) if cfg.resume else None
+    checkpoint, notes = C.find_checkpoint(cfg.resume) if cfg.resume else (None, [])
+    for note in notes:  # a missing or damaged latest checkpoint, and the one used instead
+        log(f"warning: {note}")
     resumed = C.run_of(checkpoint) if checkpoint is not None else None
     # The run continues in the directory it resumes (unless --out-dir says otherwise);
     # None: a fresh one, named when it is claimed.
@@ -109,8 +110,7 @@ def start(cfg: TrainConfig, log) -> Run:
 
     # Tokenizer, data and model. A resumed run takes all three from the checkpoint's
     # directory and the same files, so it sees the same token ids and the same batches.
-    tokenizer = load_tokenizer(str(checkpoint) if checkpoint else (cfg.tokenizer or cfg.model),
-                               trust_remote_code=cfg.trust_remote_code)
+    tokenizer = B.build_tokenizer(cfg, checkpoint)
     train_pairs, eval_pairs = B.load_data(cfg, tokenizer, log)
     pad_id = tokenizer.pad_token_id
     # Global micro-batches, the same on every rank; each rank takes its B / R pairs of one.
@@ -123,6 +123,8 @@ def start(cfg: TrainConfig, log) -> Run:
     # file or model path leaves nothing behind. Rank 0 claims it, every rank learns where.
     if par.is_main:
         run_dir = C.claim_run_dir(run_dir, resumed, cfg.overwrite, dataclasses.asdict(cfg))
+        for name in C.clean_incomplete(run_dir):
+            log(f"removed {name}: left behind by a save that was interrupted")
     run_dir = Path(P.broadcast(str(run_dir), par))
 
     params = [p for p in wrapper.parameters() if p.requires_grad]
@@ -135,8 +137,8 @@ def start(cfg: TrainConfig, log) -> Run:
         log(f"resumed from {checkpoint} at step {step}")
         newer = C.newer_checkpoints(run_dir, step)
         if newer:
-            log(f"note: {', '.join(newer)} in {run_dir / 'checkpoints'} come from before this resume; each is "
-                "replaced when this run reaches its step")
+            log(f"note: {', '.join(newer)} in {run_dir / 'checkpoints'} {'is' if len(newer) == 1 else 'are'} from "
+                "before this resume, and will be replaced as this run reaches that step")
     n_params = sum(p.numel() for p in wrapper.parameters())
     log(f"alphapo-train: {'built-in tiny Llama' if not cfg.model else cfg.model} ({n_params / 1e6:.2f}M params), "
         f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs, {cfg.max_steps} steps of "

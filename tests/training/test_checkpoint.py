@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -13,6 +14,7 @@ import alphapo.training.modeling as modeling
 from alphapo.training import build, cli, loop
 from alphapo.training import checkpoint as C
 from alphapo.training.config import TrainConfig
+from alphapo.training.tokenizer import build_char_tokenizer
 
 
 class Interrupt(Exception):
@@ -128,3 +130,99 @@ def test_an_out_dir_taken_by_another_run_meanwhile_is_refused(tmp_path, monkeypa
     with pytest.raises(C.CheckpointError, match="already holds a run"):
         loop.train(tiny_config(tmp_path, "R", max_steps=3), log=quiet)
     assert inner[0]["steps"] == 2 and (tmp_path / "R" / "latest").read_text().strip() == "checkpoints/step-000002"
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4 (copy it before damaging it)."""
+    root = tmp_path_factory.mktemp("finished")
+    loop.train(tiny_config(root, "R", max_steps=4, keep_last=2), log=quiet)
+    return root / "R"
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":  # the same size, a few bytes of the last tensor's data changed
+        path.write_bytes(data[:-16] + bytes(b ^ 0xFF for b in data[-16:]))
+    elif how == "delete":
+        path.unlink()
+
+
+DAMAGE = [
+    pytest.param("model.safetensors", "truncate", id="truncated-model"),
+    pytest.param("model.safetensors", "flip", id="flipped-model-bytes"),
+    pytest.param("trainer_state.pt", "truncate", id="truncated-state"),
+    pytest.param("trainer_state.json", "truncate", id="truncated-state-json"),
+    pytest.param("trainer_state.pt", "delete", id="deleted-state"),
+]
+
+
+@pytest.mark.parametrize("name, how", DAMAGE)
+def test_a_damaged_checkpoint_is_named_and_the_previous_intact_one_resumes(tmp_path, capsys, finished_run,
+                                                                           name, how):
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    damaged = run / "checkpoints" / "step-000004" / name
+    damage(damaged, how)
+
+    # Asked for by name, the damaged checkpoint is refused; the message names the file
+    # and offers the newest intact checkpoint.
+    assert cli.main(["--resume", str(damaged.parent), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(damaged) in err and f"--resume {run / 'checkpoints' / 'step-000002'}" in err, err
+    assert "Traceback" not in err
+
+    # The run directory resumes from that one, saying which and why, and trains steps 3
+    # and 4 again: the parameters are the uninterrupted run's.
+    assert cli.main(["--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert str(damaged) in out and "resuming from checkpoints/step-000002" in out, out
+    a, b = params_of(finished_run), params_of(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latest_naming_a_deleted_checkpoint_resumes_from_the_one_before(tmp_path, capsys, finished_run):
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    assert cli.main(["--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "latest names checkpoints/step-000004, which does not exist" in out
+    assert "resuming from checkpoints/step-000002" in out
+    # Nothing intact at all: an error that says what was found.
+    for ckpt in (run / "checkpoints").iterdir():
+        damage(ckpt / "model.safetensors", "flip")
+    assert cli.main(["--resume", str(run), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err and "step-000002" in err and "step-000004" in err
+
+
+def test_an_interrupted_save_is_cleaned_up_on_resume(tmp_path, finished_run):
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    leftover = run / "checkpoints" / ".tmp-step-000006-999999"  # a save killed halfway
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    assert not leftover.exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path, capsys):
+    tok = build_char_tokenizer()
+    lm = modeling.tiny_llama(len(tok), tok, n_layer=1, n_embd=32, n_head=2)
+    with torch.no_grad():
+        lm.lm_head.weight[3, 5] = float("nan")
+    lm.save_pretrained(tmp_path / "nan-model")
+    tok.save_pretrained(tmp_path / "nan-model")
+    assert cli.main(["--model", str(tmp_path / "nan-model"), "--out-dir", str(tmp_path / "run"),
+                     *flags(TINY)]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nan-model") in err and "lm_head.weight" in err and "not finite" in err
+    assert not (tmp_path / "run").exists()
