@@ -157,3 +157,20 @@ def build_optimizer(cfg: TrainConfig, params: list) -> tuple[torch.optim.Optimiz
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def follow_config(cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Make a restored optimizer and schedule follow ``cfg``: a resume that changed lr, betas or decay.
+
+    ``optimizer.load_state_dict`` puts back each group's saved lr, betas and weight decay,
+    and the scheduler's its saved base lr, so without this a new ``--lr`` on resume would
+    change nothing. (The schedule's shape, warm-up, floor and ``max_steps``, is the function
+    ``lr_lambda(cfg)``, which a scheduler's state does not hold: it follows ``cfg`` already.)
+    """
+    decay, no_decay = optimizer.param_groups
+    decay["weight_decay"], no_decay["weight_decay"] = cfg.weight_decay, 0.0
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)

@@ -20,7 +20,6 @@ name is refused, with the newest intact one offered.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -148,8 +147,13 @@ def _step_of(path: Path) -> int | None:
 # Saving
 
 
-def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, step: int, nonfinite: int,
-                    cfg, keep_last: int, par: P.Parallel) -> Path:
+def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, par: P.Parallel, *, step: int,
+                    nonfinite: int, config: dict, changes: list[dict], keep_last: int) -> Path:
+    """Checkpoint ``step`` into ``run_dir/checkpoints/step-N`` and point ``latest`` at it.
+
+    ``config``: the knobs in force; ``changes``: the run's knob changes on resume so far
+    (both go into ``trainer_state.json``, which a resume reads).
+    """
     model_state = P.full_model_state(wrapper, par)  # None: the model is whole, save_pretrained reads it
     optimizer_state = P.optimizer_state(wrapper, optimizer, par)
     rng = {"torch": torch.get_rng_state()}
@@ -171,7 +175,8 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, ste
     if par.world_size > 1:
         state["rng_ranks"] = rng_ranks  # each rank's generators, restored rank by rank on resume
     torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config, "changes": changes},
+                                                       indent=1))
     write_checksums(tmp)  # last: a checkpoint with checksums is a complete one
     if final.exists():  # the same step saved again (a resumed run): move the old one aside first
         old = ckpt_root / f".old-{final.name}-{os.getpid()}"
@@ -237,6 +242,12 @@ def find_checkpoint(path) -> tuple[Path, list[str]]:
 
 def _is_checkpoint(path: Path) -> bool:
     return any((path / name).is_file() for name in (CHECKSUMS, "trainer_state.pt", "trainer_state.json"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, if it exists."""
+    latest = _read_latest(run_dir)
+    return latest if latest is not None and latest.is_dir() else None
 
 
 def _read_latest(run_dir: Path) -> Path | None:
@@ -326,13 +337,20 @@ def verify_checkpoint(ckpt: Path) -> None:
 # Loading
 
 
-def saved_config(checkpoint: Path) -> dict:
-    """The knob values the checkpoint's run was trained with."""
+def saved_run(checkpoint: Path) -> dict:
+    """``trainer_state.json``: the checkpoint's ``step``, the ``config`` it was trained with, and
+    the ``changes`` of knobs made on resume before it."""
     path = checkpoint / "trainer_state.json"
     try:
-        return json.loads(path.read_text())["config"]
+        saved = json.loads(path.read_text())
+        return {"step": int(saved["step"]), "config": dict(saved["config"]), "changes": saved.get("changes", [])}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def saved_config(checkpoint: Path) -> dict:
+    """The knob values the checkpoint's run was trained with."""
+    return saved_run(checkpoint)["config"]
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

@@ -120,6 +120,20 @@ SECTIONS = {
 }
 PARSERS = {"int": int, "float": float, "str": str}
 
+# On --resume the run's saved config is the base, and a knob given with a different value
+# does one of three things. FIXED: refused, since the model, the data and the batches of
+# a run are its identity (the weights come from the checkpoint whatever --n-embd says).
+# CHANGEABLE: applied from the resume step on and recorded as a change at that step (in
+# metrics.jsonl, the checkpoints and the summary). NOT_INHERITED: this invocation's alone,
+# never taken from the saved config (--trust-remote-code runs code: only when asked for
+# now). Every other knob (device, logging, checkpoint cadence) is inherited unless given.
+FIXED = ("model", "tokenizer", "n_layer", "n_embd", "n_head", "disable_dropout", "train_file", "eval_file",
+         "train_size", "eval_size", "max_length", "max_prompt_length", "truncation", "loss_type",
+         "average_log_prob", "batch_size", "grad_accum", "seed", "param_dtype")
+CHANGEABLE = ("alpha", "beta", "gamma", "label_smoothing", "nll_weight", "max_steps", "lr", "min_lr_ratio",
+              "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip")
+NOT_INHERITED = ("trust_remote_code", "out_dir", "resume", "overwrite")
+
 
 class ConfigError(ValueError):
     """A knob value or a config file that cannot be used."""
@@ -212,8 +226,25 @@ def parse_config(argv=None) -> TrainConfig:
     base = {}
     if values.get("resume"):
         base = C.saved_config(C.find_checkpoint(values["resume"])[0])
-        base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
-        for name in ("out_dir", "overwrite"):  # this invocation's, never the saved run's
-            base.pop(name, None)
+        base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)} - set(NOT_INHERITED)}
     return check_config(TrainConfig(**{**base, **values}))
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> list[dict]:
+    """What ``cfg`` changes of the saved run's config at ``step``: ``[{"step", "knob", "from", "to"}]``.
+
+    Raises :class:`ConfigError` on a FIXED knob that differs.
+    """
+    changes = []
+    for f in fields(cfg):
+        if f.name not in saved or saved[f.name] == getattr(cfg, f.name):
+            continue
+        was, now = saved[f.name], getattr(cfg, f.name)
+        if f.name in FIXED:
+            raise ConfigError(
+                f"--resume: {f.name} is {was!r} in the run and {now!r} here; a resumed run keeps its model, data "
+                f"and batches (start a new run to change {f.name}, or leave it out to resume)")
+        if f.name in CHANGEABLE:
+            changes.append({"step": step, "knob": f.name, "from": was, "to": now})
+    return changes
 

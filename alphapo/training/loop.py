@@ -33,7 +33,7 @@ from . import checkpoint as C
 from . import data as D
 from . import parallel as P
 from . import report as R
-from .config import TrainConfig, check_config
+from .config import TrainConfig, check_config, resume_changes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,9 +56,10 @@ class Run:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    metrics: R.MetricsLog
+    metrics: R.MetricsLog | None  # set once the run knows its step
     step: int = 0
     nonfinite: int = 0
+    changes: list[dict] = field(default_factory=list)  # knobs changed on resume, at their step
 
     @property
     def device(self) -> torch.device:
@@ -86,22 +87,17 @@ class Window:
 
 def start(cfg: TrainConfig, log) -> Run:
     """Process group, tokenizer, data, model, optimizer; with ``--resume``, their saved state."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break our progress bar
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif not cfg.model and B.pick_device(cfg.device).type == "cpu":
-        torch.set_num_threads(1)
-    # One process per device under torchrun (see alphapo/training/parallel.py); rank 0 alone logs
-    # and writes files, every rank computes.
-    par = P.setup(cfg.parallel, B.pick_device(cfg.device))
+    par = init_process(cfg)
     if not par.is_main:
         log = lambda *args: None  # noqa: E731
     autocast = B.autocast_context(cfg, par.device)
-    checkpoint, notes = C.find_checkpoint(cfg.resume) if cfg.resume else (None, [])
-    for note in notes:  # a missing or damaged latest checkpoint, and the one used instead
-        log(f"warning: {note}")
+    checkpoint, saved, changes = None, None, []
+    if cfg.resume:
+        checkpoint, notes = C.find_checkpoint(cfg.resume)
+        for note in notes:  # a missing or damaged latest checkpoint, and the one used instead
+            log(f"warning: {note}")
+        saved = C.saved_run(checkpoint)
+        changes = resume_changes(saved["config"], cfg, saved["step"])  # refuses another model or data
     resumed = C.run_of(checkpoint) if checkpoint is not None else None
     # The run continues in the directory it resumes (unless --out-dir says otherwise);
     # None: a fresh one, named when it is claimed.
@@ -129,23 +125,50 @@ def start(cfg: TrainConfig, log) -> Run:
 
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer, scheduler = B.build_optimizer(cfg, params)
-    step, nonfinite = 0, 0
+    run = Run(cfg, par, log, autocast, run_dir, tokenizer, train_batches, eval_batches, wrapper, params,
+              optimizer, scheduler, metrics=None)
     if checkpoint is not None:
-        step, nonfinite = C.restore(checkpoint, wrapper, optimizer, scheduler, par)
-    metrics = R.MetricsLog.start(run_dir, par, resumed, step)
+        run.step, run.nonfinite = C.restore(checkpoint, wrapper, optimizer, scheduler, par)
+        if changes:  # the restored optimizer and schedule hold the saved lr, betas, decay
+            B.follow_config(cfg, optimizer, scheduler)
+        run.changes = saved["changes"] + changes
+    run.metrics = R.MetricsLog.start(run_dir, par, resumed, run.step)
     if checkpoint is not None:
-        log(f"resumed from {checkpoint} at step {step}")
-        newer = C.newer_checkpoints(run_dir, step)
-        if newer:
-            log(f"note: {', '.join(newer)} in {run_dir / 'checkpoints'} {'is' if len(newer) == 1 else 'are'} from "
-                "before this resume, and will be replaced as this run reaches that step")
+        say_resumed(run, checkpoint, changes)
     n_params = sum(p.numel() for p in wrapper.parameters())
     log(f"alphapo-train: {'built-in tiny Llama' if not cfg.model else cfg.model} ({n_params / 1e6:.2f}M params), "
         f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs, {cfg.max_steps} steps of "
         f"{cfg.batch_size * cfg.grad_accum} pairs on {par.device}"
         f"{f' x {par.world_size} ({par.mode})' if par.world_size > 1 else ''}, alpha={cfg.alpha} -> {run_dir}")
-    return Run(cfg, par, log, autocast, run_dir, tokenizer, train_batches, eval_batches, wrapper, params,
-               optimizer, scheduler, metrics, step, nonfinite)
+    return run
+
+
+def init_process(cfg: TrainConfig) -> P.Parallel:
+    """Threads, logging and this process's place in the process group (torchrun's, if launched so)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break our progress bar
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif not cfg.model and B.pick_device(cfg.device).type == "cpu":
+        torch.set_num_threads(1)
+    # One process per device under torchrun (see alphapo/training/parallel.py); rank 0 alone logs
+    # and writes files, every rank computes.
+    return P.setup(cfg.parallel, B.pick_device(cfg.device))
+
+
+def say_resumed(run: Run, checkpoint: Path, changes: list[dict]) -> None:
+    """Log where the run resumed and what this invocation changed (a change is a metrics record too)."""
+    run.log(f"resumed from {checkpoint} at step {run.step}")
+    newer = C.newer_checkpoints(run.run_dir, run.step)
+    if newer:
+        run.log(f"note: {', '.join(newer)} in {run.run_dir / 'checkpoints'} {'is' if len(newer) == 1 else 'are'} "
+                "from before this resume, and will be replaced as this run reaches that step")
+    if changes:
+        run.log("changed on resume: " + ", ".join(f"{c['knob']} {c['from']} -> {c['to']}" for c in changes)
+                + f" from step {run.step} (recorded in metrics.jsonl and the summary)")
+        run.metrics.record({"step": run.step, "config_change": {c["knob"]: {"from": c["from"], "to": c["to"]}
+                                                                 for c in changes}})
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,14 +259,23 @@ def update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, progress: R.Pr
         if run.nonfinite >= cfg.max_nonfinite:
             raise NonFiniteLossError(
                 f"{run.nonfinite} steps had a non-finite loss or gradient (--max-nonfinite {cfg.max_nonfinite}); "
-                f"stopped at step {run.step + 1}. Lower --lr or check the data, then --resume {run.run_dir} "
-                "(its last checkpoint predates the failures)"
-            )
+                f"stopped at step {run.step + 1}. Check the data, or {retry_advice(run)}")
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # torch warns when a skipped first step precedes this
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         run.scheduler.step()  # the schedule follows the step count, skipped steps included
     return finite
+
+
+def retry_advice(run: Run) -> str:
+    """How to go on after too many non-finite steps: from the last checkpoint, with a lower rate."""
+    lower = f"--lr {run.cfg.lr / 10:g}"
+    latest = C.latest_checkpoint(run.run_dir)
+    if latest is None:
+        return f"start again with a lower learning rate ({lower}): no checkpoint was written"
+    # Skipped steps do not update the weights, so every checkpoint holds finite ones.
+    return (f"resume from the last checkpoint ({latest}) with a lower learning rate: "
+            f"--resume {run.run_dir} {lower}")
 
 
 def after_step(run: Run, window: Window, progress: R.Progress, t_start: float) -> Window:
@@ -275,17 +307,18 @@ def after_step(run: Run, window: Window, progress: R.Progress, t_start: float) -
                      f"rejected {result['eval_logps/rejected']:.3f}")
 
     if saving:
-        C.save_checkpoint(run.run_dir, run.wrapper, run.tokenizer, run.optimizer, run.scheduler, step, run.nonfinite,
-                          cfg, cfg.keep_last, run.par)
+        C.save_checkpoint(run.run_dir, run.wrapper, run.tokenizer, run.optimizer, run.scheduler, run.par, step=step,
+                          nonfinite=run.nonfinite, config=dataclasses.asdict(cfg), changes=run.changes,
+                          keep_last=cfg.keep_last)
     return window
 
 
 def finish(run: Run, seconds: float) -> dict:
     """The summary (printed, and with the plot written by rank 0); the process group is torn down."""
-    summary = R.summarize(run.metrics.history, run.run_dir, run.cfg, seconds)
+    summary = R.summarize(run.metrics.history, run.run_dir, run.cfg, seconds, run.changes)
     if run.par.is_main:
         if run.cfg.plot:
-            R.plot_metrics(run.metrics.history, run.run_dir / "plot.png", title=f"AlphaPO, alpha = {run.cfg.alpha}")
+            R.plot_metrics(run.metrics.history, run.run_dir / "plot.png", title=R.plot_title(run.cfg, run.changes))
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     R.print_summary(summary, run.log)
     P.teardown(run.par)

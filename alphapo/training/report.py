@@ -33,13 +33,14 @@ class MetricsLog:
         """A fresh file, or, resuming, the records up to ``step`` of the resumed run's.
 
         A crashed run may have logged past its last checkpoint: those records are dropped,
-        and the resumed run logs them again.
+        and the resumed run logs them again. So are knob changes made at ``step`` by an
+        earlier resume from the same checkpoint (this resume records its own).
         """
         path = run_dir / "metrics.jsonl"
         history = []
         if resumed is not None and (resumed / "metrics.jsonl").is_file():
             history = [r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
-                       if r["step"] <= step]
+                       if r["step"] < step or (r["step"] == step and "config_change" not in r)]
         P.barrier(par)  # every rank has read the records before rank 0 rewrites them
         if par.is_main:
             path.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -138,7 +139,14 @@ def plot_metrics(history: list[dict], path, title: str = "") -> None:
     plt.close(fig)
 
 
-def summarize(history: list[dict], run_dir: Path, cfg, seconds: float) -> dict:
+def plot_title(cfg, changes: list[dict]) -> str:
+    """``AlphaPO, alpha = 0.25``, with each change of alpha on resume after it."""
+    alphas = [c for c in changes if c["knob"] == "alpha"]
+    first = alphas[0]["from"] if alphas else cfg.alpha
+    return f"AlphaPO, alpha = {first}" + "".join(f", {c['to']} from step {c['step']}" for c in alphas)
+
+
+def summarize(history: list[dict], run_dir: Path, cfg, seconds: float, changes: list[dict] = ()) -> dict:
     held = [r for r in history if "eval_loss" in r]
     first, last = held[0], held[-1]
     peak = max(held, key=lambda r: r["eval_logps/chosen"])  # displacement shows as a fall from here
@@ -147,7 +155,7 @@ def summarize(history: list[dict], run_dir: Path, cfg, seconds: float) -> dict:
         "run_dir": str(run_dir),
         "steps": last["step"],
         "seconds": round(seconds, 1),
-        "alpha": cfg.alpha,
+        "alpha": cfg.alpha,  # at the end: see "changes"
         "eval_pairs": last["eval_pairs"],
         "accuracy_before": first["eval_rewards/accuracies"],
         "accuracy_after": last["eval_rewards/accuracies"],
@@ -162,6 +170,7 @@ def summarize(history: list[dict], run_dir: Path, cfg, seconds: float) -> dict:
         "margin_after": last["eval_rewards/margins"],
         "checkpoint": str(run_dir / latest) if latest else None,
         "plot": str(run_dir / "plot.png") if cfg.plot else None,
+        "changes": list(changes),  # knobs changed on resume: [{"step", "knob", "from", "to"}]
     }
 
 
@@ -175,6 +184,9 @@ def print_summary(s: dict, log=print) -> None:
         f"{s['chosen_logps_peak_step']})")
     log(f"  rejected log-prob / token {s['rejected_logps_before']:7.3f} -> {s['rejected_logps_after']:7.3f}"
         f"   (drift {s['rejected_logps_drift']:+.3f})")
+    if s["changes"]:
+        log("  changed on resume         " + "; ".join(f"{c['knob']} {c['from']} -> {c['to']} from step {c['step']}"
+                                                       for c in s["changes"]))
     outputs = ["metrics.jsonl", "summary.json"] + (["plot.png"] if s["plot"] else [])
     if s["checkpoint"]:
         outputs.append(os.path.relpath(s["checkpoint"], s["run_dir"]) + "/ (model, tokenizer, optimizer)")

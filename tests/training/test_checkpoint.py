@@ -11,7 +11,7 @@ import torch
 from tiny_runs import TINY, flags, params_of, quiet, tiny_config
 
 import alphapo.training.modeling as modeling
-from alphapo.training import build, cli, loop
+from alphapo.training import build, cli, config, loop
 from alphapo.training import checkpoint as C
 from alphapo.training.config import TrainConfig
 from alphapo.training.tokenizer import build_char_tokenizer
@@ -226,3 +226,63 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "nan-model") in err and "lm_head.weight" in err and "not finite" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming with other knobs: the saved config is the run's; a change is refused or recorded
+
+
+def records_of(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("knob, value", [("n_embd", 64), ("train_size", 128), ("batch_size", 4), ("seed", 1)])
+def test_resume_refuses_a_different_model_or_data(tmp_path, capsys, finished_run, knob, value):
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    before = (run / "config.json").read_text()
+    assert cli.main(["--resume", str(run), "--max-steps", "6", f"--{knob.replace('_', '-')}", str(value)]) == 1
+    err = capsys.readouterr().err
+    assert f"{knob} is {getattr(TrainConfig(**TINY), knob)} in the run" in err and str(value) in err and "Traceback" not in err
+    assert (run / "config.json").read_text() == before and checkpoints_of(run) == ["step-000002", "step-000004"]
+
+
+def test_resume_applies_and_records_a_new_learning_rate_and_alpha(tmp_path, capsys, finished_run):
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    lr = 3e-2
+    assert cli.main(["--resume", str(run / "checkpoints" / "step-000002"), "--lr", str(lr), "--alpha", "0",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "lr 0.003 -> 0.03 from step 2" in out and "alpha 0.25 -> 0.0 from step 2" in out, out
+    rows = records_of(run)
+    want = [{"step": 2, "config_change": {"lr": {"from": 0.003, "to": lr}, "alpha": {"from": 0.25, "to": 0.0}}}]
+    assert [r for r in rows if "config_change" in r] == want
+    # The new rate is the one the schedule follows from step 3 on (before: the saved one).
+    factor = build.lr_lambda(tiny_config(tmp_path, max_steps=4))
+    assert [r["lr"] for r in rows if "lr" in r and r["step"] > 2] == pytest.approx([lr * factor(s) for s in (3, 4)])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["alpha"] == 0.0 and summary["changes"] == [
+        {"step": 2, "knob": "alpha", "from": 0.25, "to": 0.0}, {"step": 2, "knob": "lr", "from": 0.003, "to": lr}]
+    assert json.loads((run / "config.json").read_text())["lr"] == lr
+    # Resumed again from its last checkpoint, the run keeps both (from the checkpoint's own record).
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(c["step"], c["knob"]) for c in summary["changes"]] == [(2, "alpha"), (2, "lr"), (4, "max_steps")]
+    assert len([r for r in records_of(run) if "config_change" in r]) == 2
+
+
+def test_resume_runs_remote_code_only_when_this_invocation_allows_it(tmp_path, finished_run, monkeypatch):
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    saved = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    saved["config"]["trust_remote_code"] = True  # as if the run had been started with --trust-remote-code
+    (run / "checkpoints" / "step-000004" / "trainer_state.json").write_text(json.dumps(saved))
+    C.write_checksums(run / "checkpoints" / "step-000004")
+    assert config.parse_config(["--resume", str(run)]).trust_remote_code is False
+    assert config.parse_config(["--resume", str(run), "--trust-remote-code"]).trust_remote_code is True
+    seen = []
+    real = build.load_causal_lm
+    monkeypatch.setattr(build, "load_causal_lm", lambda *a: seen.append(a[3]) or real(*a))
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    assert seen == [False]

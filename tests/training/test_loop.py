@@ -130,12 +130,19 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch, capsys):
     assert [r["nonfinite_steps"] for r in rows if "lr" in r] == [0, 1, 1]  # step 2 logs no loss
 
     poisoned.update(steps={1, 2, 3}, n=0)
-    with pytest.raises(loop.NonFiniteLossError, match="2 steps had a non-finite loss"):
+    with pytest.raises(loop.NonFiniteLossError, match="2 steps had a non-finite loss") as info:
         loop.train(tiny_config(tmp_path, "abort", max_steps=3, max_nonfinite=2), log=quiet)
+    assert "no checkpoint was written" in str(info.value)
     poisoned.update(n=0)
     assert cli.main(["--out-dir", str(tmp_path / "abort2"), "--max-nonfinite", "1", "--no-progress",
                    *flags(TINY)]) == 1
     assert "non-finite loss or gradient" in capsys.readouterr().err
+    # With a checkpoint before the failures, the advice is to resume it with a lower rate
+    # (which a resume applies and records).
+    poisoned.update(steps={3, 4}, n=0)
+    with pytest.raises(loop.NonFiniteLossError) as info:
+        loop.train(tiny_config(tmp_path, "late", max_steps=4, max_nonfinite=2), log=quiet)
+    assert f"--resume {tmp_path / 'late'} --lr 0.0003" in str(info.value) and "step-000002" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------
