@@ -9,9 +9,13 @@ lowest first: the defaults, the resumed run's saved config, a ``--config`` file,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 from ..loss import BACKENDS
 from . import checkpoint as C
@@ -139,23 +143,75 @@ class ConfigError(ValueError):
     """A knob value or a config file that cannot be used."""
 
 
+# The range of every numeric knob: a test and its words. Floats must be finite as well.
+def _at_least(n):
+    return (lambda v: v >= n), f">= {n}"
+
+
+ANY, POSITIVE = ((lambda v: True), ""), ((lambda v: v > 0), "> 0")
+RANGES = {
+    "n_layer": _at_least(1), "n_embd": _at_least(1), "n_head": _at_least(1), "train_size": _at_least(1),
+    "eval_size": _at_least(1), "max_length": _at_least(2), "max_prompt_length": _at_least(0),
+    "alpha": ANY, "beta": POSITIVE, "gamma": ANY, "label_smoothing": ((lambda v: 0 <= v <= 0.5), "in [0, 0.5]"),
+    "nll_weight": _at_least(0), "scratch_mb": _at_least(0),
+    "batch_size": _at_least(1), "grad_accum": _at_least(1), "max_steps": _at_least(1), "lr": POSITIVE,
+    "min_lr_ratio": ((lambda v: 0 <= v <= 1), "in [0, 1]"), "warmup_steps": _at_least(0),
+    "weight_decay": _at_least(0), "adam_beta1": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "adam_beta2": ((lambda v: 0 <= v < 1), "in [0, 1)"), "grad_clip": _at_least(0),
+    "seed": ((lambda v: 0 <= v < 2**63), "in [0, 2**63)"), "threads": _at_least(0),
+    "eval_batch_size": _at_least(1), "log_every": _at_least(1), "eval_every": _at_least(1),
+    "save_every": _at_least(0), "keep_last": _at_least(1), "max_nonfinite": _at_least(1),
+}
+TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
 def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Every knob's type, choices and range, and the knobs that must agree; :class:`ConfigError`
+    names the knob (and its flag) and what it may be. Cheap: it runs before any setup."""
     for f in fields(cfg):
-        choices = f.metadata["choices"]
-        if choices and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
-    positive = ("batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "log_every",
-                "eval_every", "keep_last", "max_nonfinite", "n_layer", "n_embd", "n_head", "train_size", "lr")
-    for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "save_every", "scratch_mb", "max_prompt_length", "threads", "weight_decay",
-                 "grad_clip", "eval_size"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise ConfigError(f"min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
+        value, flag = getattr(cfg, f.name), f"{f.name} (--{f.name.replace('_', '-')})"
+        if f.name in RANGES:
+            _check_number(f.name, flag, f.type, value)
+        elif not isinstance(value, TYPES[f.type]):
+            raise ConfigError(f"{flag} must be a {f.type}, got {value!r}")
+        if f.metadata["choices"] and value not in f.metadata["choices"]:
+            raise ConfigError(f"{flag} must be one of {f.metadata['choices']}, got {value!r}")
+    _check_together(cfg)
     return cfg
+
+
+def _check_number(name: str, flag: str, kind: str, value) -> None:
+    allowed, form = RANGES[name]
+    number = isinstance(value, TYPES[kind]) and not isinstance(value, bool)
+    if not number or (kind == "float" and not math.isfinite(value)) or not allowed(value):
+        what = "an integer" if kind == "int" else "a finite number"
+        raise ConfigError(f"{flag} must be {what}{' ' + form if form else ''}, got {value!r}")
+
+
+def _check_together(cfg: TrainConfig) -> None:
+    """Knobs that must agree with each other, and the paths that must exist."""
+    if not cfg.model:  # the built-in Llama
+        if cfg.n_embd % cfg.n_head:
+            raise ConfigError(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head}): --n-embd, --n-head")
+        if (cfg.n_embd // cfg.n_head) % 2:
+            raise ConfigError(f"n_embd / n_head = {cfg.n_embd // cfg.n_head}: rotary embeddings need an even head "
+                              "size (--n-embd, --n-head)")
+    if not cfg.train_file and cfg.batch_size > cfg.train_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) exceeds the built-in task's train_size "
+                          f"({cfg.train_size}): lower --batch-size or raise --train-size")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length "
+                          f"({cfg.max_length}), leaving room for a completion")
+    try:
+        torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    except RuntimeError:
+        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+    for name, kind in (("model", "directory"), ("tokenizer", "directory"), ("train_file", "file"),
+                       ("eval_file", "file")):
+        path = getattr(cfg, name)
+        if path and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) {path}: no such {kind}"
+                              + (" (a local Hugging Face model; nothing is downloaded)" if name == "model" else ""))
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plot.png, summary.json, checkpoints/step-NNNNNN/ (safetensors model, tokenizer, optimizer).",
         argument_default=argparse.SUPPRESS,  # only flags actually given override the file
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of knob values (flags override it)")
+    parser.add_argument("--config", metavar="FILE", help="YAML, JSON or TOML file of knob values (flags override it)")
     group = parser
     for f in fields(TrainConfig):
         if f.name in SECTIONS:
@@ -192,30 +248,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config_file(path) -> dict:
-    """Knob values from a YAML or JSON file (keys with ``_`` or ``-``), type-checked."""
+    """Knob values from a YAML, JSON or TOML file, by its extension (keys with ``_`` or ``-``), type-checked."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of knob names to values")
+    values = _read_mapping(path)
     known = {f.name: f for f in fields(TrainConfig)}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown knob {key!r} (see alphapo-train --help)")
-        want = {"int": int, "float": (int, float), "str": str, "bool": bool}[known[name].type]
-        if not isinstance(value, want) or (known[name].type != "bool" and isinstance(value, bool)):
-            raise ConfigError(f"config file {path}: {key} must be {known[name].type}, got {value!r}")
-        out[name] = float(value) if known[name].type == "float" else value
+        kind = known[name].type
+        if kind == "float" and isinstance(value, str) and path.suffix.lower() in (".yaml", ".yml"):
+            # YAML 1.1 reads 1e-6 (no dot) as a string; a float knob takes it as the number it spells.
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not isinstance(value, TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
+            raise ConfigError(f"config file {path}: {key} must be {kind}, got {value!r}")
+        out[name] = float(value) if kind == "float" else value
     return out
+
+
+def _read_mapping(path: Path) -> dict:
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json", ".toml"):
+        raise ConfigError(f"config file {path}: unknown format {suffix!r}; use .yaml, .yml, .json or .toml")
+    if suffix == ".json":
+        loads = json.loads
+    elif suffix == ".toml":
+        loads = _toml().loads
+    else:
+        import yaml
+
+        loads = yaml.safe_load
+    try:
+        values = loads(path.read_text(encoding="utf-8"))
+    except Exception as e:  # json's and tomllib's errors are ValueErrors, yaml's a YAMLError
+        kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
+        raise ConfigError(f"config file {path}: not valid {kind} ({e})") from None
+    values = {} if values is None else values  # an empty YAML file
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of knob names to values")
+    return values
+
+
+def _toml():
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError("a .toml config file needs Python 3.11+ or the tomli package") from None
+    return tomllib
 
 
 def parse_config(argv=None) -> TrainConfig:

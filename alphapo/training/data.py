@@ -360,7 +360,8 @@ class PairBatches:
 
     def __init__(self, pairs, batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True):
         if batch_size > len(pairs) and shuffle:
-            raise ValueError(f"batch_size={batch_size} pairs exceeds the {len(pairs)} training pairs")
+            raise DataError(f"batch_size ({batch_size} pairs) exceeds the {len(pairs)} training pairs: lower "
+                            "--batch-size")
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
         self.seed, self.shuffle = seed, shuffle
         self.per_epoch = len(pairs) // batch_size if shuffle else -(-len(pairs) // batch_size)

@@ -27,6 +27,13 @@ def test_python_dash_m_runs_the_trainer():
     assert out.returncode == 0 and "usage: alphapo-train" in out.stdout and "--resume" in out.stdout
 
 
+def test_a_bad_knob_is_one_line_naming_it(tmp_path, capsys):
+    assert cli.main(["--beta", "0", "--out-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err == "alphapo-train: error: beta (--beta) must be a finite number > 0, got 0.0\n"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a", "chosen": "b"}', "row 0: missing field(s) ['rejected']"),
     ('{"prompt": "a", "chosen": "", "rejected": "c"}', "row 0: 'chosen' is empty"),
