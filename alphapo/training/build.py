@@ -46,31 +46,37 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
 
 
 def load_data(cfg: TrainConfig, tokenizer, log):
-    """Tokenised ``(train_pairs, eval_pairs)``; data warnings go to ``log``, not a traceback."""
+    """Tokenised ``(train_pairs, eval_pairs)``; data warnings go to ``log``, not a traceback.
+
+    Each record keeps its place in its file (``line 7``) through the held-out split, so a
+    warning or an error names the line a user can open.
+    """
     if cfg.train_file:
-        train_records = D.load_preference_file(cfg.train_file)
+        train = D.read_preference_file(cfg.train_file)
         if cfg.eval_file:
-            eval_records = D.load_preference_file(cfg.eval_file)
+            held = D.read_preference_file(cfg.eval_file)
         else:
             # A seeded, fixed hold-out: the same pairs on every resume.
-            n_eval = min(cfg.eval_size, len(train_records) // 10)
+            n = len(train[0])
+            n_eval = min(cfg.eval_size, n // 10)
             if n_eval < 1:
-                raise D.DataError(f"{cfg.train_file}: too few records ({len(train_records)}) to hold out an eval "
-                                  "split; pass --eval-file")
-            order = torch.randperm(len(train_records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            eval_records = [train_records[i] for i in order[:n_eval]]
-            train_records = [train_records[i] for i in order[n_eval:]]
-            log(f"data: held out {n_eval} of {len(order)} pairs of {cfg.train_file} for evaluation")
+                raise D.DataError(f"{cfg.train_file}: too few records ({n}) to hold out an eval split (at most 10%); "
+                                  "pass --eval-file")
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            held = tuple([part[i] for i in order[:n_eval]] for part in train)
+            train = tuple([part[i] for i in order[n_eval:]] for part in train)
+            log(f"data: held out {n_eval} of {n} pairs of {cfg.train_file} for evaluation")
         sources = (cfg.train_file, cfg.eval_file or f"{cfg.train_file} (held out)")
     else:
         train_records, eval_records = D.builtin_task(cfg.train_size, cfg.eval_size, seed=cfg.seed)
+        train, held = (train_records, None), (eval_records, None)
         sources = ("built-in sorting task (train)", "built-in sorting task (held out)")
     out = []
-    for records, source in zip((train_records, eval_records), sources):
+    for (records, where), source in zip((train, held), sources):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pairs, _ = D.tokenize_pairs(records, tokenizer, cfg.max_length, cfg.max_prompt_length or None,
-                                        cfg.truncation, source)
+                                        cfg.truncation, source, where)
         for w in caught:
             log(f"warning: {w.message}")
         out.append(pairs)

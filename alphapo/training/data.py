@@ -4,7 +4,12 @@ A preference record is ``{"prompt": ..., "chosen": ..., "rejected": ...}``, eith
 *standard* (three strings) or *conversational* (three lists of ``{"role", "content"}``
 messages, rendered with the tokenizer's chat template the way TRL renders them), read
 from ``.jsonl``, ``.json`` (a list of records, or a dict of equal-length columns) or
-``.parquet``. Bad records fail loudly, naming the file, the row and the field.
+``.parquet``. Bad records fail loudly, naming the file, the record and the field; a
+record is named by its 1-based line in a ``.jsonl`` file (blank lines counted, as an
+editor counts them) and by its 1-based number otherwise, in every message, tokenisation's
+included. Messages have the roles ``system``, ``developer``, ``user``, ``assistant`` and
+``tool``; a completion is the model's turn: it starts with ``assistant``, and holds no
+``system``, ``developer`` or ``user`` message.
 
 Tokenised, a pair becomes two sequences ``prompt + chosen`` and ``prompt + rejected``;
 a batch of B pairs is one ``(2B, T)`` tensor, chosen rows first, padded on the right,
@@ -40,6 +45,8 @@ import torch
 
 FIELDS = ("prompt", "chosen", "rejected")
 TRUNCATION_POLICIES = ("truncate", "drop", "error")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # what chat templates know
+COMPLETION_ROLES = ("assistant", "tool")  # the model's turn, and the results of its tool calls
 
 
 class DataError(ValueError):
@@ -52,12 +59,19 @@ class DataError(ValueError):
 
 def load_preference_file(path) -> list[dict]:
     """Read and check a TRL-format preference file (``.jsonl``, ``.json`` or ``.parquet``)."""
+    return read_preference_file(path)[0]
+
+
+def read_preference_file(path) -> tuple[list[dict], list[str]]:
+    """``(records, where)``: a checked preference file, and where each record stands in it
+    (``"line 7"`` in a ``.jsonl`` file, ``"record 7"`` otherwise; 1-based)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    where = None
     if suffix == ".jsonl":
-        records = []
+        records, where = [], []
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -66,6 +80,7 @@ def load_preference_file(path) -> list[dict]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
+                where.append(f"line {line_no}")
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -80,8 +95,14 @@ def load_preference_file(path) -> list[dict]:
         records = pq.read_table(path).to_pylist()
     else:
         raise DataError(f"{path}: unknown extension {suffix!r}; use .jsonl, .json or .parquet")
-    check_records(records, str(path))
-    return records
+    where = where if where is not None else numbered(len(records))
+    check_records(records, str(path), where)
+    return records, where
+
+
+def numbered(n: int) -> list[str]:
+    """``["record 1", ..., "record n"]``: where the records of a list stand."""
+    return [f"record {i}" for i in range(1, n + 1)]
 
 
 def _columns_to_records(data: dict, path) -> list[dict]:
@@ -116,33 +137,55 @@ def _is_empty(value) -> bool:
     return all(not m["content"].strip() for m in value)
 
 
-def check_records(records, source: str = "data") -> None:
-    """Raise :class:`DataError` on the first record that is not a usable preference pair."""
+def check_records(records, source: str = "data", where: list[str] | None = None) -> None:
+    """Raise :class:`DataError` on the first record that is not a usable preference pair.
+
+    ``where``: each record's place in ``source`` (default: ``record 1``, ``record 2``, ...).
+    """
     if not isinstance(records, list) or not records:
         raise DataError(f"{source}: holds no records")
-    for i, rec in enumerate(records):
-        where = f"{source}: row {i}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected an object with fields {FIELDS}, got {type(rec).__name__}")
-        missing = [k for k in FIELDS if k not in rec or rec[k] is None]
-        if missing:
+    where = where or numbered(len(records))
+    for rec, at in zip(records, where):
+        check_record(rec, f"{source}: {at}")
+
+
+def check_record(rec, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object with fields {FIELDS}, got {type(rec).__name__}")
+    missing = [k for k in FIELDS if k not in rec]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing} (found {sorted(rec)}); a preference record needs "
+                        f"{FIELDS} (TRL's explicit-prompt format)")
+    for k in FIELDS:
+        if rec[k] is None:
+            raise DataError(f"{where}: field {k!r} is null; it must be a string or a list of messages")
+    kinds = {}
+    for k in FIELDS:
+        kinds[k] = _kind(rec[k])
+        if kinds[k] is None:
             raise DataError(
-                f"{where}: missing field(s) {missing} (found {sorted(rec)}); a preference record needs "
-                f"{FIELDS} (TRL's explicit-prompt format)"
+                f"{where}: field {k!r} must be a string or a non-empty list of "
+                f"{{'role': str, 'content': str}} messages, got {_describe(rec[k])}"
             )
-        kinds = {}
-        for k in FIELDS:
-            kinds[k] = _kind(rec[k])
-            if kinds[k] is None:
-                raise DataError(
-                    f"{where}: field {k!r} must be a string or a non-empty list of "
-                    f"{{'role': str, 'content': str}} messages, got {_describe(rec[k])}"
-                )
-        if len(set(kinds.values())) > 1:
-            raise DataError(f"{where}: mixes standard (string) and conversational (message list) fields: {kinds}")
-        for k in ("chosen", "rejected"):
-            if _is_empty(rec[k]):
-                raise DataError(f"{where}: {k!r} is empty: a preference pair needs two non-empty completions")
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"{where}: mixes standard (string) and conversational (message list) fields: {kinds}")
+    if kinds["prompt"] == "conversational":
+        _check_roles(rec, where)
+    for k in ("chosen", "rejected"):
+        if _is_empty(rec[k]):
+            raise DataError(f"{where}: {k!r} is empty: a preference pair needs two non-empty completions")
+
+
+def _check_roles(rec: dict, where: str) -> None:
+    for k in FIELDS:
+        for i, message in enumerate(rec[k], 1):
+            role = message["role"]
+            if role not in ROLES:
+                raise DataError(f"{where}: message {i} of {k!r} has unknown role {role!r}; roles are "
+                                f"{', '.join(ROLES)}")
+            if k != "prompt" and (role not in COMPLETION_ROLES or (i == 1 and role != "assistant")):
+                raise DataError(f"{where}: message {i} of {k!r} has role {role!r}: a completion is the model's "
+                                "turn, 'assistant' first ('tool' results may follow an assistant message)")
 
 
 def _describe(value) -> str:
@@ -210,15 +253,15 @@ class TokenizeStats:
     truncated_prompts: int = 0
     truncated_completions: int = 0
     identical: int = 0  # chosen == rejected after tokenisation: no preference signal
-    dropped_rows: list[int] = field(default_factory=list)
+    dropped_at: list[str] = field(default_factory=list)  # where the dropped pairs stand ("line 7", ...)
 
     def report(self, source: str, max_length: int) -> str | None:
         parts = []
         if self.dropped:
-            rows = ", ".join(map(str, self.dropped_rows[:5])) + (", ..." if self.dropped > 5 else "")
+            at = ", ".join(self.dropped_at[:5]) + (", ..." if self.dropped > 5 else "")
             parts.append(
                 f"dropped {self.dropped} of {self.total} pairs that do not fit max_length={max_length} "
-                f"with a non-empty completion (rows {rows}); raise max_length or set max_prompt_length"
+                f"with a non-empty completion ({at}); raise max_length or set max_prompt_length"
             )
         if self.truncated_prompts or self.truncated_completions:
             parts.append(
@@ -266,12 +309,14 @@ def tokenize_pairs(
     max_prompt_length: int | None = None,
     truncation: str = "truncate",
     source: str = "data",
+    where: list[str] | None = None,
 ):
     """Token ids of each pair: a list of ``(prompt_ids, chosen_ids, rejected_ids)`` and stats.
 
     The prompt starts with BOS when the tokenizer has one; each completion ends with EOS.
     Every kept sequence fits ``max_length`` and keeps at least one completion token, so
-    each row of a batch has a valid target for the loss.
+    each row of a batch has a valid target for the loss. ``where``: each record's place in
+    ``source``, for the messages (default: ``record 1``, ``record 2``, ...).
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
@@ -285,25 +330,26 @@ def tokenize_pairs(
     # One batched call per column: the fast tokenizer's Rust loop, not 3 Python calls a pair.
     texts = list(zip(*(render(rec, tokenizer) for rec in records)))
     ids = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in texts]
-    for i, (p, c, r) in enumerate(zip(*ids)):
+    where = where or numbered(len(records))
+    for at, p, c, r in zip(where, *ids):
         if bos is not None and (not p or p[0] != bos):
             p = [bos] + p
         if not p:
-            raise DataError(f"{source}: row {i}: the prompt is empty and the tokenizer has no BOS token to start it")
+            raise DataError(f"{source}: {at}: the prompt is empty and the tokenizer has no BOS token to start it")
         if eos is not None:
             c = c if c and c[-1] == eos else c + [eos]
             r = r if r and r[-1] == eos else r + [eos]
         if not c or not r:
-            raise DataError(f"{source}: row {i}: a completion tokenises to no tokens")
+            raise DataError(f"{source}: {at}: a completion tokenises to no tokens")
         fits = len(p) + max(len(c), len(r)) <= max_length and len(p) <= (max_prompt_length or len(p))
         if not fits and truncation == "error":
             raise DataError(
-                f"{source}: row {i}: prompt ({len(p)} tokens) + longest completion ({max(len(c), len(r))}) "
+                f"{source}: {at}: prompt ({len(p)} tokens) + longest completion ({max(len(c), len(r))}) "
                 f"does not fit max_length={max_length}, max_prompt_length={max_prompt_length} (truncation='error')"
             )
         if not fits and truncation == "drop":
             stats.dropped += 1
-            stats.dropped_rows.append(i)
+            stats.dropped_at.append(at)
             continue
         if max_prompt_length and len(p) > max_prompt_length:
             # Keep the end of the prompt, nearest the completion, and the BOS in front of it.
@@ -313,7 +359,7 @@ def tokenize_pairs(
         room = max_length - len(p)
         if room < 1:  # the prompt alone fills max_length: the completion would be empty
             stats.dropped += 1
-            stats.dropped_rows.append(i)
+            stats.dropped_at.append(at)
             continue
         if len(c) > room or len(r) > room:
             stats.truncated_completions += (len(c) > room) + (len(r) > room)

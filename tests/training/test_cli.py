@@ -35,9 +35,10 @@ def test_a_bad_knob_is_one_line_naming_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "chosen": "b"}', "row 0: missing field(s) ['rejected']"),
-    ('{"prompt": "a", "chosen": "", "rejected": "c"}', "row 0: 'chosen' is empty"),
-    ('{"prompt": "a", "chosen": 1, "rejected": "c"}', "row 0: field 'chosen' must be a string"),
+    ('{"prompt": "a", "chosen": "b"}', "line 1: missing field(s) ['rejected']"),
+    ('{"prompt": "a", "chosen": "", "rejected": "c"}', "line 1: 'chosen' is empty"),
+    ('{"prompt": "a", "chosen": 1, "rejected": "c"}', "line 1: field 'chosen' must be a string"),
+    ('{"prompt": null, "chosen": "b", "rejected": "c"}', "line 1: field 'prompt' is null"),
 ])
 def test_bad_data_file_gives_a_clear_message(tmp_path, capsys, line, message):
     path = tmp_path / "bad.jsonl"

@@ -81,19 +81,20 @@ def test_conversational_parquet_and_json_columns(tmp_path):
     assert D.load_preference_file(path) == RECORDS
 
 
+# Each bad record is the second line of its .jsonl file.
 BAD = [
-    pytest.param({"prompt": "p", "chosen": "a"}, r"row 1: missing field\(s\) \['rejected'\]", id="missing-field"),
-    pytest.param({"prompt": "p", "chosen": "", "rejected": "b"}, r"row 1: 'chosen' is empty", id="empty-chosen"),
-    pytest.param({"prompt": "p", "chosen": "a", "rejected": "  "}, r"row 1: 'rejected' is empty", id="blank-rejected"),
-    pytest.param({"prompt": "p", "chosen": 3, "rejected": "b"}, r"row 1: field 'chosen' must be a string .* got int 3",
+    pytest.param({"prompt": "p", "chosen": "a"}, r"line 2: missing field\(s\) \['rejected'\]", id="missing-field"),
+    pytest.param({"prompt": "p", "chosen": "", "rejected": "b"}, r"line 2: 'chosen' is empty", id="empty-chosen"),
+    pytest.param({"prompt": "p", "chosen": "a", "rejected": "  "}, r"line 2: 'rejected' is empty",
+                 id="blank-rejected"),
+    pytest.param({"prompt": "p", "chosen": 3, "rejected": "b"}, r"line 2: field 'chosen' must be a string .* got int 3",
                  id="int-completion"),
-    pytest.param({"prompt": ["p"], "chosen": "a", "rejected": "b"}, r"row 1: field 'prompt' .* got list",
+    pytest.param({"prompt": ["p"], "chosen": "a", "rejected": "b"}, r"line 2: field 'prompt' .* got list",
                  id="list-of-str"),
     pytest.param({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
-                 r"row 1: mixes standard", id="mixed-kinds"),
-    pytest.param({"prompt": "p", "chosen": None, "rejected": "b"}, r"row 1: missing field\(s\) \['chosen'\]",
-                 id="null-field"),
-    pytest.param(["p", "a", "b"], r"row 1: expected an object", id="not-an-object"),
+                 r"line 2: mixes standard", id="mixed-kinds"),
+    pytest.param({"prompt": None, "chosen": "a", "rejected": "b"}, r"line 2: field 'prompt' is null", id="null-field"),
+    pytest.param(["p", "a", "b"], r"line 2: expected an object", id="not-an-object"),
 ]
 
 
@@ -172,7 +173,7 @@ LONG = {"prompt": "x" * 20, "chosen": "abc", "rejected": "abcdef"}
 def test_prompt_filling_max_length_is_dropped_never_emptied(tok):
     """TRL issue #6548: a prompt that fills max_length must not leave an empty completion."""
     records = [LONG, RECORDS[0]]
-    with pytest.warns(UserWarning, match=r"dropped 1 of 2 pairs .*rows 0"):
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 pairs .*\(record 1\)"):
         pairs, stats = D.tokenize_pairs(records, tok, max_length=21)  # BOS + 20 prompt tokens = 21
     assert stats.dropped == 1 and stats.kept == 1 and len(pairs) == 1
     with pytest.raises(D.DataError, match="no pair survives"), warnings.catch_warnings():
@@ -194,7 +195,7 @@ def test_drop_and_error_policies(tok):
     with pytest.warns(UserWarning, match="dropped 1 of 2"):
         pairs, _ = D.tokenize_pairs([LONG, RECORDS[0]], tok, max_length=26, truncation="drop")
     assert len(pairs) == 1 and tok.decode(pairs[0][1]) == "123<eos>"
-    with pytest.raises(D.DataError, match=r"row 1: prompt \(21 tokens\) \+ longest completion \(7\)"):
+    with pytest.raises(D.DataError, match=r"record 2: prompt \(21 tokens\) \+ longest completion \(7\)"):
         D.tokenize_pairs([RECORDS[0], LONG], tok, max_length=26, truncation="error")
     with pytest.raises(ValueError, match="truncation must be one of"):
         D.tokenize_pairs(RECORDS, tok, max_length=26, truncation="cut")
@@ -243,3 +244,48 @@ def test_pair_batches_are_a_function_of_seed_and_index(tok):
     assert not torch.equal(a.batch(0)["input_ids"], a.batch(6)["input_ids"])  # epochs reshuffle
     in_order = D.PairBatches(pairs, 8, tok.pad_token_id, shuffle=False)
     assert len(in_order) == 7 and sum(x["input_ids"].shape[0] for x in in_order) == 100
+
+
+# ---------------------------------------------------------------------------------------
+# Where a bad record is: its 1-based line (.jsonl) or record number, everywhere
+
+
+def test_records_are_numbered_by_their_line_blank_lines_included(tmp_path, tok):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    with pytest.raises(D.DataError, match=r"gaps.jsonl: line 3: missing field\(s\) \['rejected'\]"):
+        D.load_preference_file(path)
+    # Tokenisation reports the same numbers, through the held-out split's shuffle too.
+    path.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS[0]] * 4 + [LONG] + [RECORDS[1]] * 5))
+    records, where = D.read_preference_file(path)
+    assert where[4] == "line 5"
+    with pytest.warns(UserWarning, match=r"dropped 1 of 10 pairs .*\(line 5\)"):
+        D.tokenize_pairs(records[::-1], tok, max_length=21, source=str(path), where=where[::-1])
+    with pytest.raises(D.DataError, match=r"line 5: prompt \(21 tokens\)"):
+        D.tokenize_pairs(records, tok, max_length=21, truncation="error", source=str(path), where=where)
+    path = _write(tmp_path, "list.json", [RECORDS[0], {"prompt": "p"}])
+    with pytest.raises(D.DataError, match=r"list.json: record 2: missing"):
+        D.load_preference_file(path)
+
+
+def chat(prompt_roles=("user",), completion_roles=("assistant",)):
+    return {"prompt": [{"role": r, "content": "sort 312"} for r in prompt_roles],
+            "chosen": [{"role": r, "content": "123"} for r in completion_roles],
+            "rejected": [{"role": r, "content": "132"} for r in completion_roles]}
+
+
+@pytest.mark.parametrize("record, message", [
+    pytest.param(chat(("wizard",)), "message 1 of 'prompt' has unknown role 'wizard'", id="unknown-role"),
+    pytest.param(chat(completion_roles=("user",)), "message 1 of 'chosen' has role 'user'", id="user-completion"),
+    pytest.param(chat(completion_roles=("assistant", "system")), "message 2 of 'chosen' has role 'system'",
+                 id="system-in-completion"),
+    pytest.param(chat(completion_roles=("tool",)), "message 1 of 'chosen' has role 'tool'", id="tool-first"),
+])
+def test_roles_are_checked(tmp_path, record, message):
+    with pytest.raises(D.DataError, match=f"line 2: {message}"):
+        D.load_preference_file(_write(tmp_path, "chat.jsonl", [CHAT[0], record]))
+
+
+def test_known_roles_pass():
+    D.check_records([chat(("system", "user", "assistant", "user")), chat(completion_roles=("assistant", "tool",
+                                                                                         "assistant"))])
