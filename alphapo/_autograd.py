@@ -80,6 +80,11 @@ class FusedSequenceLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_seq):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "alphapo: double backward (create_graph=True) is not supported: the fused backward "
+                "computes first-order gradients without a graph (use backend='reference' for higher orders)"
+            )
         hidden, weight, bias, flat_idx, target, seq_id, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if ctx.group is not None:

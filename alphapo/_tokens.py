@@ -2,7 +2,8 @@
 
 Prompt and padding positions (``target == ignore_index``) never need a logit: the fused
 backends run their GEMMs over the N valid tokens alone, addressed through ``flat_idx``
-into ``hidden.reshape(-1, H)``. Per-sequence sums go back through a dense
+into ``hidden.reshape(-1, H)``, in row order, so the tokens of row ``i`` are the
+contiguous range ``offsets[i] : offsets[i + 1]``. Per-sequence sums go back through a dense
 ``(2B·T,)`` buffer in which every position is written at most once, so they are
 deterministic on every device (``index_add_`` uses atomics on CUDA).
 """
@@ -19,22 +20,34 @@ class TokenPlan(NamedTuple):
     target: torch.Tensor  # (N,) int64: its target id
     seq_id: torch.Tensor  # (N,) int64: its sequence (row of target)
     n_tokens: torch.Tensor  # (2B,) int64: valid tokens per sequence
+    n_host: list  # the same counts on the host
     rows: int  # 2B
     T: int
 
+    def offsets(self) -> list[int]:
+        """Host-side start of each row's tokens in ``flat_idx`` (2B + 1 entries)."""
+        out = [0]
+        for n in self.n_host:
+            out.append(out[-1] + n)
+        return out
 
-def plan_tokens(target: torch.Tensor, ignore_index: int, n_tokens: torch.Tensor | None = None) -> TokenPlan:
-    """Compact the valid positions of ``target`` (one host sync: the count N)."""
+
+def plan_tokens(target: torch.Tensor, ignore_index: int, n_tokens: torch.Tensor, n_host: list) -> TokenPlan:
+    """Compact the valid positions of ``target``, given their counts (no host sync: the
+    counts are known, so ``nonzero`` need not ask the device for its output size)."""
     rows, T = target.shape
     valid = (target != ignore_index).reshape(-1)
-    flat_idx = valid.nonzero().squeeze(1)
-    if n_tokens is None:
-        n_tokens = valid.view(rows, T).sum(1)
+    N = sum(n_host)
+    if hasattr(valid, "nonzero_static"):
+        flat_idx = valid.nonzero_static(size=N).squeeze(1)
+    else:  # pragma: no cover - torch < 2.1
+        flat_idx = valid.nonzero().squeeze(1)
     return TokenPlan(
         flat_idx=flat_idx,
         target=target.reshape(-1)[flat_idx].long(),
         seq_id=torch.div(flat_idx, T, rounding_mode="floor"),
         n_tokens=n_tokens,
+        n_host=list(n_host),
         rows=rows,
         T=T,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,15 +65,89 @@ def check_inputs(weight, hidden, target, bias=None, ref_chosen_logps=None, ref_r
     return B, T, H, V
 
 
-def check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
-    """Check target values and return the valid-token count per row, shape (2B,).
+class Scan(NamedTuple):
+    """What the one host sync of a loss call learns, and the sums it reads them from.
 
-    One host sync (a single small copy) covers both checks; on CPU it costs nothing.
+    ``n_tokens`` (2B,) int64 on the device and ``n_host`` the same counts as a list;
+    ``w_sum`` (H,) = Σ_v W_v, ``b_sum`` = Σ_v b_v (None without a bias) and ``h_sum``
+    (2B, H) = Σ over valid t of h_t, all float64: the ``logits/*`` metric is
+    ``h_sum · w_sum + n · b_sum`` and a non-finite input shows up in them.
+    """
+
+    n_tokens: torch.Tensor
+    n_host: list
+    w_sum: torch.Tensor
+    h_sum: torch.Tensor
+    b_sum: torch.Tensor | None
+
+
+# Blocks of the sums below: about 1 MiB of float32 (float64) at a time, in cache, so a
+# sum costs one read of its input (a float64 copy of the whole weight would be 2× its size).
+_SUM_BLOCK_BYTES = 2**20
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _weight_sum(weight: torch.Tensor) -> torch.Tensor:
+    """Σ_v W_v, (H,) float64: float32 sums of blocks of rows, added in float64."""
+    acc = _sum_dtype(weight)
+    rows = max(1, _SUM_BLOCK_BYTES // (acc.itemsize * weight.shape[1]))
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for v0 in range(0, weight.shape[0], rows):
+        total += weight[v0 : v0 + rows].sum(0, dtype=acc)
+    return total
+
+
+def _valid_hidden_sum(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Σ over valid t of hidden[i, t], (2B, H) float64; ignored positions are never read
+    into the sum (a NaN there is not the loss's business), blocks of positions at a time."""
+    rows, T, H = hidden.shape
+    acc = _sum_dtype(hidden)
+    span = max(1, _SUM_BLOCK_BYTES // (acc.itemsize * H * rows))
+    total = torch.zeros(rows, H, dtype=torch.float64, device=hidden.device)
+    zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+    for t0 in range(0, T, span):
+        keep = valid[:, t0 : t0 + span, None]
+        total += torch.where(keep, hidden[:, t0 : t0 + span], zero).sum(1, dtype=acc)
+    return total
+
+
+def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int, refs=(), check_finite=True,
+                group=None) -> Scan:
+    """Check target values (and, with ``check_finite``, that every input the loss reads is
+    finite) in one host sync: a single small copy, which also brings the per-row token
+    counts to the host. Under vocabulary parallelism (``group``) the flags are all-reduced,
+    so every rank raises together instead of leaving the others in a collective.
+
+    Non-finite values are found in sums the metrics need anyway (``Σ_v W_v``, ``Σ_v b_v``,
+    the valid rows' ``Σ_t h_t``, the reference log-probs): a NaN or ±inf anywhere in them
+    makes its sum non-finite, so the check costs no extra pass. Ignored positions of
+    ``hidden`` are not read.
     """
     valid = target != ignore_index
     out_of_range = valid & ((target < 0) | (target >= vocab_size))
     n_tokens = valid.sum(dim=1)
-    flags = torch.stack([out_of_range.any().long(), (n_tokens == 0).any().long()]).tolist()
+    w_sum = _weight_sum(weight)
+    b_sum = bias.sum(dtype=torch.float64) if bias is not None else None
+    h_sum = _valid_hidden_sum(hidden, valid)
+    flags = [out_of_range.any(), (n_tokens == 0).any()]
+    finite_names = []
+    if check_finite:
+        checks = [("hidden", h_sum), ("lin_weight", w_sum), ("bias", b_sum)]
+        checks += [(name, ref) for name, ref in refs if ref is not None]
+        for name, value in checks:
+            if value is not None:
+                finite_names.append(name)
+                flags.append(~torch.isfinite(value).all())
+    flags = torch.stack(flags).long()
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    host = torch.cat([flags, n_tokens.long()]).tolist()  # the one host sync
+    flags, n_host = host[: len(flags)], host[len(flags):]
     if flags[0]:
         bad = target[out_of_range][:5].tolist()
         raise ValueError(
@@ -79,10 +155,18 @@ def check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> t
             f"({ignore_index}): first offenders {bad}"
         )
     if flags[1]:
-        empty = (n_tokens == 0).nonzero().flatten()[:8].tolist()
+        empty = [i for i, n in enumerate(n_host) if n == 0][:8]
         raise ValueError(
             f"target rows {empty} have no valid tokens (every target is ignore_index={ignore_index}): "
             "their log-prob is undefined (TRL and Liger return NaN here); drop those pairs or "
             "unmask at least one completion token"
         )
-    return n_tokens
+    bad = [name for name, flag in zip(finite_names, flags[2:]) if flag]
+    if bad:
+        where = {"hidden": " at a valid (non-ignored) position"}
+        raise ValueError(
+            "non-finite values (NaN or ±inf) in " + ", ".join(f"{name}{where.get(name, '')}" for name in bad)
+            + ": the loss would be NaN. Check the model's forward (or the reference log-probs); "
+            "pass check_finite=False to skip this check if you test for it elsewhere"
+        )
+    return Scan(n_tokens, n_host, w_sum, h_sum, b_sum)

@@ -78,6 +78,12 @@ class AlphaPOConfig:
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
 
+    @property
+    def pair_separable(self) -> bool:
+        """Whether the loss is a sum over pairs of a function of each pair alone (plus the
+        NLL term): what the pair-chunked path needs. Every loss type here is."""
+        return self.loss_type in LOSS_TYPES
+
 
 class AlphaPOOutput(NamedTuple):
     """Detached metrics of one loss call (TRL's names in brackets).
@@ -153,12 +159,20 @@ def preference_loss(
     cfg: AlphaPOConfig,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    num_pairs: int | None = None,
+    nll_tokens=None,
 ):
     """Loss (differentiable w.r.t. ``seq_logps_sum``) and the per-pair metric tensors.
 
     ``seq_logps_sum``: (2B,) summed token log-probs; ``n_tokens``: (2B,) valid counts.
-    Returns ``(loss float64 scalar, logps (2B,), losses (B,), chosen_rewards,
-    rejected_rewards, nll)``.
+    The loss is ``sum(pair losses) / num_pairs + nll_weight * (-Σ chosen log-probs) / nll_tokens``;
+    by default ``num_pairs = B`` and ``nll_tokens`` = this batch's chosen tokens, i.e. the
+    mean over pairs plus the chosen tokens' mean NLL. The pair-chunked path evaluates it
+    on a few pairs at a time with the whole batch's normalisers, so that the chunks' losses
+    (and gradients) add up to the batch's. Returns ``(loss float64 scalar, logps (2B,),
+    losses (B,), chosen_rewards, rejected_rewards, nll)``, ``nll`` being this batch's own
+    mean NLL of the chosen tokens (a metric, whatever ``nll_tokens`` says).
     """
     s_sum = seq_logps_sum.double()
     n = n_tokens.double()
@@ -169,11 +183,39 @@ def preference_loss(
         x_w = x_w - ref_chosen_logps.double()
         x_l = x_l - ref_rejected_logps.double()
     losses, rewards_w, rewards_l = pair_losses(x_w, x_l, cfg)
-    nll = -s_sum[:B].sum() / n[:B].sum()
-    loss = losses.mean()
+    chosen_nll = -s_sum[:B].sum()
+    nll = chosen_nll / n[:B].sum()
+    loss = losses.mean() if num_pairs is None else losses.sum() / num_pairs
     if cfg.nll_weight:
-        loss = loss + cfg.nll_weight * nll
+        loss = loss + cfg.nll_weight * (nll if nll_tokens is None else chosen_nll / nll_tokens)
     return loss, logps, losses, rewards_w, rewards_l, nll
+
+
+def pair_chunk_grad(
+    seq_logps_sum: torch.Tensor,
+    n_tokens: torch.Tensor,
+    cfg: AlphaPOConfig,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    num_pairs: int,
+    nll_tokens,
+) -> torch.Tensor:
+    """``dL/dS`` (float64, (2b,)) for a chunk of b whole pairs (chosen rows first).
+
+    ``L`` is the batch's loss, of which this chunk's pairs own the terms
+    ``pair losses / num_pairs`` and their chosen tokens' share of the NLL term
+    (``nll_tokens``: the batch's normaliser). Every pair-separable loss depends on a
+    pair's two sequences alone, so these are the batch gradient's entries for the chunk's
+    sequences: :func:`preference_loss` itself is differentiated, so each loss type has one
+    definition for both paths.
+    """
+    with torch.enable_grad():
+        s = seq_logps_sum.detach().double().requires_grad_(True)
+        loss = preference_loss(
+            s, n_tokens, cfg, ref_chosen_logps, ref_rejected_logps, num_pairs=num_pairs, nll_tokens=nll_tokens
+        )[0]
+        (grad,) = torch.autograd.grad(loss, s)
+    return grad
 
 
 def make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, vocab_size) -> AlphaPOOutput:

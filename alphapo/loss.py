@@ -13,26 +13,38 @@ Backends:
 * ``"triton"``: fused Triton kernels (:mod:`alphapo.kernels`), CUDA (or ``TRITON_INTERPRET=1``);
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports, else ``"torch"``.
 
-``scratch_bytes`` bounds the extra memory of the fused backends (a chunk of logits for
-``"torch"``, a vocabulary slice of ``dz`` for ``"triton"``); ``None`` takes each backend's
-default.
+Two orders of work (``path=``): with a gradient wanted, the **pair-chunked** path
+(:mod:`alphapo._pairchunk`, 6·N·H·V) walks the batch a chunk of whole pairs at a time and
+forms the gradients in the forward; the **recompute** path (:mod:`alphapo._autograd`,
+8·N·H·V) reduces the logits to log-sum-exps in the forward and rebuilds them in the
+backward (``sequence_logprobs``, batch-coupled losses, pairs too long for the budget).
+
+``scratch_bytes`` bounds the extra memory of the fused backends: the logits of one chunk
+of pairs (pair-chunked), of one chunk of tokens (torch, recompute) or one vocabulary
+slice of ``dz`` (triton, recompute); ``None`` takes each backend's default.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ._tokens import accumulation_dtype, plan_tokens
-from ._validation import check_inputs, check_targets
 from . import chunked
 from ._autograd import FusedSequenceLogProbs, VocabShard, vocab_layout
+from ._pairchunk import PATHS, PairChunkedLoss, PairJob, budget_tokens, chunk_pairs
+from ._tokens import accumulation_dtype, plan_tokens
+from ._validation import check_inputs, scan_inputs
 from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
 from .reference import alphapo_loss_reference, sequence_logprobs_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+logger = logging.getLogger("alphapo")
 
 
 def triton_available() -> bool:
@@ -92,6 +104,25 @@ def _check_scratch(scratch_bytes):
         raise ValueError(f"scratch_bytes must be a positive byte count or None, got {scratch_bytes!r}")
 
 
+def _check_path(path):
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def _check_nll_tokens(value):
+    """``nll_num_tokens``: None, or a positive finite count (a number or a 0-dim tensor)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"nll_num_tokens must be a positive number or a 0-dim tensor, got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        return value.double()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"nll_num_tokens must be a positive, finite token count, got {value!r}")
+    return float(value)
+
+
 def _prepare(weight, hidden, bias, scratch_bytes, filter_eps):
     """Option checks shared by the functional forms, then the autocast cast."""
     _check_scratch(scratch_bytes)
@@ -107,39 +138,40 @@ def _backend_for(backend, device, group):
     return backend
 
 
-def _fused_sequence_sums(
-    weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard=None, filter_eps=None
-):
-    """Summed log-probs per sequence (2B,), differentiable, through a fused backend."""
-    if filter_eps is not None and backend != "triton":
-        raise ValueError(f'filter_eps (gradient filtering) needs backend="triton", got backend={backend!r}')
-    plan = plan_tokens(target, ignore_index, n_tokens)
+def _backend_module(backend):
     if backend == "torch":
-        module = chunked
-    else:
-        from .kernels import fused as module  # imported lazily: triton is optional
+        return chunked
+    from .kernels import fused  # imported lazily: triton is optional
+
+    return fused
+
+
+def _recompute_sums(weight, hidden, bias, plan, module, scratch_bytes, shard=None, filter_eps=None):
+    """Summed log-probs per sequence (2B,), differentiable, through the recompute path."""
+    if filter_eps is not None and module is chunked:
+        raise ValueError('filter_eps (gradient filtering) needs backend="triton", got backend="torch"')
     budget = module.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
     return FusedSequenceLogProbs.apply(hidden, weight, bias, plan, module, budget, shard, filter_eps)
 
 
-@torch.no_grad()
-def _logit_sums(weight, hidden, target, bias, ignore_index, n_tokens, group=None):
-    """Σ over valid tokens of Σ_v z, per sequence, with no logits: ``h·Σ_v W_v + Σ_v b_v``.
+def _logit_sums(scan, group=None):
+    """Σ over valid tokens of Σ_v z, per sequence, with no logits: ``h·Σ_v W_v + n·Σ_v b_v``.
 
     Under vocabulary parallelism the per-rank partials are summed across ``group``.
     """
-    acc = torch.float64
-    w_sum = weight.sum(0, dtype=acc)  # (H,): reduces in float64, no V×H copy
-    mask = (target != ignore_index).to(hidden.dtype)
-    h_sum = torch.bmm(mask.unsqueeze(1), hidden).squeeze(1).to(acc)  # (2B, H)
-    sums = h_sum @ w_sum
-    if bias is not None:
-        sums = sums + n_tokens.to(acc) * bias.sum(dtype=acc)
+    sums = scan.h_sum @ scan.w_sum
+    if scan.b_sum is not None:
+        sums = sums + scan.n_tokens.double() * scan.b_sum
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(sums, group=group)
     return sums
+
+
+def _scan(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group):
+    refs = (("ref_chosen_logps", refs[0]), ("ref_rejected_logps", refs[1]))
+    return scan_inputs(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group)
 
 
 def sequence_logprobs(
@@ -153,6 +185,7 @@ def sequence_logprobs(
     scratch_bytes: int | None = None,
     process_group=None,
     filter_eps: float | None = None,
+    check_finite: bool = True,
 ):
     """Per-sequence log-probs ``(2B,)`` of ``target`` under ``hidden @ weight.T + bias``.
 
@@ -163,19 +196,20 @@ def sequence_logprobs(
         logp = log_softmax(hidden @ weight.T + bias, -1).gather(-1, target[..., None])[..., 0]
         s = (logp * mask).sum(-1) / (mask.sum(-1) if average else 1)
 
-    Every row needs at least one valid token; rows need not come in pairs.
+    Every row needs at least one valid token; rows need not come in pairs. It always runs
+    the recompute path (8·N·H·V with gradients): its upstream gradient is arbitrary, so
+    no coefficient is known in the forward.
     """
     weight, hidden, bias = _prepare(weight, hidden, bias, scratch_bytes, filter_eps)
     check_inputs(weight, hidden, target, bias, paired=False)
     backend = _backend_for(backend, hidden.device, process_group)
     if backend == "reference":
-        return sequence_logprobs_reference(weight, hidden, target, bias, average, ignore_index)
+        return sequence_logprobs_reference(weight, hidden, target, bias, average, ignore_index, check_finite)
     vocab_size, shard = _vocab_shard(weight.shape[0], process_group, hidden.device)
-    n_tokens = check_targets(target, vocab_size, ignore_index)
-    summed = _fused_sequence_sums(
-        weight, hidden, target, bias, ignore_index, backend, scratch_bytes, n_tokens, shard, filter_eps
-    )
-    return summed / n_tokens.to(summed.dtype) if average else summed
+    scan = _scan(weight, hidden, target, bias, vocab_size, ignore_index, (None, None), check_finite, process_group)
+    plan = plan_tokens(target, ignore_index, scan.n_tokens, scan.n_host)
+    summed = _recompute_sums(weight, hidden, bias, plan, _backend_module(backend), scratch_bytes, shard, filter_eps)
+    return summed / scan.n_tokens.to(summed.dtype) if average else summed
 
 
 def alphapo_loss(
@@ -198,13 +232,15 @@ def alphapo_loss(
     scratch_bytes: int | None = None,
     process_group=None,
     filter_eps: float | None = None,
+    path: str = "auto",
+    nll_num_tokens=None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, AlphaPOOutput]:
     """The AlphaPO loss from last hidden states and the lm-head; see :class:`AlphaPOLoss`."""
     cfg = AlphaPOConfig(alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index)
-    return _alphapo_loss(
-        lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, cfg, backend, scratch_bytes,
-        process_group, filter_eps,
-    )
+    opts = _Options(backend, scratch_bytes, process_group, filter_eps, path, check_finite)
+    return _alphapo_loss(lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, cfg, opts,
+                         nll_num_tokens)
 
 
 def _vocab_shard(vocab_size, group, device):
@@ -215,36 +251,106 @@ def _vocab_shard(vocab_size, group, device):
     return total, VocabShard(group, offset)
 
 
-def _alphapo_loss(
-    weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, backend, scratch_bytes, group=None, filter_eps=None
-):
-    weight, hidden, bias = _prepare(weight, hidden, bias, scratch_bytes, filter_eps)
-    check_inputs(weight, hidden, target, bias, ref_w, ref_l)
-    backend = _backend_for(backend, hidden.device, group)
-    if backend == "reference":
-        return alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg)
-    vocab_size, shard = _vocab_shard(weight.shape[0], group, hidden.device)
-    n_tokens = check_targets(target, vocab_size, cfg.ignore_index)
-    seq_sum = _fused_sequence_sums(
-        weight, hidden, target, bias, cfg.ignore_index, backend, scratch_bytes, n_tokens, shard, filter_eps
+class _Options(NamedTuple):
+    """How to compute (not what): the options beside :class:`AlphaPOConfig`."""
+
+    backend: str = "auto"
+    scratch_bytes: int | None = None
+    process_group: object = None
+    filter_eps: float | None = None
+    path: str = "auto"
+    check_finite: bool = True
+
+
+def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module):
+    """The pair-chunked path and its chunks, or the recompute path (``(name, chunks)``).
+
+    The rule: ``path="auto"`` takes the pair-chunked path when a gradient is wanted
+    (grad mode on and some input requires it), the loss is pair-separable, the reference
+    log-probs need no gradient, gradient filtering is off and every pair's valid tokens
+    fit ``scratch_bytes`` as one chunk of logits; otherwise it recomputes. ``path="pair-chunked"`` insists (and says
+    why it cannot), ``path="recompute"`` always recomputes.
+    """
+    if opts.path == "recompute":
+        return "recompute", None
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    loss, logps, _, rewards_w, rewards_l, nll = preference_loss(seq_sum, n_tokens, cfg, ref_w, ref_l)
-    logit_sums = _logit_sums(weight, hidden, target, bias, cfg.ignore_index, n_tokens, group)
-    out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, vocab_size)
+    ref_grad = any(r is not None and r.requires_grad for r in refs) and torch.is_grad_enabled()
+    budget = opts.scratch_bytes if opts.scratch_bytes is not None else module.DEFAULT_PAIR_SCRATCH_BYTES
+    chunks = chunk_pairs(plan.n_host, budget_tokens(budget, weight.shape[0], weight.element_size()))
+    why = None
+    if opts.filter_eps is not None:
+        why = "filter_eps (gradient filtering) skips work in the recompute path's grad_hidden kernel"
+    elif not cfg.pair_separable:
+        why = f"loss_type={cfg.loss_type!r} couples pairs across the batch"
+    elif ref_grad:
+        why = "the reference log-probs require grad (the pair-chunked path differentiates the policy only)"
+    elif chunks is None:
+        longest = max(plan.n_host[j] + plan.n_host[j + plan.rows // 2] for j in range(plan.rows // 2))
+        why = (f"a pair has {longest} valid tokens, whose logits ({longest} x {weight.shape[0]} x "
+               f"{weight.element_size()} bytes) do not fit scratch_bytes={budget}")
+    if opts.path == "pair-chunked":
+        if why is not None:
+            raise ValueError(f'path="pair-chunked" cannot run: {why}; use path="auto" or "recompute"')
+        return "pair-chunked", chunks
+    if why is not None or not wants_grad:
+        return "recompute", None
+    return "pair-chunked", chunks
+
+
+def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, opts: _Options, nll_num_tokens=None,
+                  owner=None):
+    _check_path(opts.path)
+    nll_tokens = _check_nll_tokens(nll_num_tokens)
+    weight, hidden, bias = _prepare(weight, hidden, bias, opts.scratch_bytes, opts.filter_eps)
+    check_inputs(weight, hidden, target, bias, ref_w, ref_l)
+    group = opts.process_group
+    backend = _backend_for(opts.backend, hidden.device, group)
+    if backend == "reference":
+        loss, out = alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg,
+                                           nll_tokens=nll_tokens, check_finite=opts.check_finite)
+        _record_path(owner, "reference")
+        return loss, out
+    vocab_size, shard = _vocab_shard(weight.shape[0], group, hidden.device)
+    scan = _scan(weight, hidden, target, bias, vocab_size, cfg.ignore_index, (ref_w, ref_l), opts.check_finite, group)
+    plan = plan_tokens(target, cfg.ignore_index, scan.n_tokens, scan.n_host)
+    module = _backend_module(backend)
+    name, chunks = _choose_path(opts, cfg, weight, hidden, bias, (ref_w, ref_l), plan, module)
+    if name == "pair-chunked":
+        job = PairJob(plan, chunks, module, cfg, ref_w, ref_l, nll_tokens, shard, torch.is_grad_enabled())
+        loss, seq_sum = PairChunkedLoss.apply(hidden, weight, bias, job)
+        metrics = preference_loss(seq_sum, scan.n_tokens, cfg, ref_w, ref_l)
+    else:
+        seq_sum = _recompute_sums(weight, hidden, bias, plan, module, opts.scratch_bytes, shard, opts.filter_eps)
+        metrics = preference_loss(seq_sum, scan.n_tokens, cfg, ref_w, ref_l, nll_tokens=nll_tokens)
+        loss = metrics[0]
+    _, logps, _, rewards_w, rewards_l, nll = metrics
+    out = make_output(logps, rewards_w, rewards_l, nll, _logit_sums(scan, group), scan.n_tokens, vocab_size)
+    _record_path(owner, name)
     return loss.to(accumulation_dtype(hidden.dtype)), out
+
+
+def _record_path(owner, name):
+    if owner is not None:
+        owner.last_path = name
+    logger.debug("alphapo: %s path", name)
 
 
 class AlphaPOLoss(nn.Module):
     """AlphaPO (arXiv 2501.03884) computed from last hidden states, with no logits in memory.
 
     ``loss, aux = AlphaPOLoss(...)(lin_weight, hidden, target, bias=None,
-    ref_chosen_logps=None, ref_rejected_logps=None)`` — Liger's chunked-loss call. The
-    loss is ``mean_j loss_type(beta * (f(x_w) - f(x_l)) - gamma) + nll_weight * NLL`` with
-    ``f(x) = (1 - exp(-alpha x)) / alpha`` (``x`` at alpha = 0, i.e. SimPO) and ``x`` the
-    length-averaged log-prob (``average_log_prob=True``) or, given ``ref_*_logps``, the
-    log-ratio to the reference; alpha = 0 with ``average_log_prob=False`` and reference
-    log-probs is DPO. ``aux`` is an :class:`~alphapo.epilogue.AlphaPOOutput` of detached
-    metrics (TRL's names through ``aux.to_dict()``).
+    ref_chosen_logps=None, ref_rejected_logps=None, *, nll_num_tokens=None)`` — Liger's
+    chunked-loss call. The loss is ``mean_j loss_type(beta * (f(x_w) - f(x_l)) - gamma) +
+    nll_weight * NLL`` with ``f(x) = (1 - exp(-alpha x)) / alpha`` (``x`` at alpha = 0,
+    i.e. SimPO) and ``x`` the length-averaged log-prob (``average_log_prob=True``) or,
+    given ``ref_*_logps``, the log-ratio to the reference; alpha = 0 with
+    ``average_log_prob=False`` and reference log-probs is DPO. ``aux`` is an
+    :class:`~alphapo.epilogue.AlphaPOOutput` of detached metrics (TRL's names through
+    ``aux.to_dict()``). ``self.last_path`` names the path the last call ran
+    ("pair-chunked", "recompute" or "reference"; the functional form logs it at DEBUG level
+    on the ``alphapo`` logger).
 
     Args:
         alpha: reward shape; 0.25 is the paper's value for Mistral-7B and Llama-3-8B.
@@ -259,15 +365,31 @@ class AlphaPOLoss(nn.Module):
         nll_weight: weight λ of the mean NLL over chosen tokens added to the loss (CPO's alpha).
         ignore_index: target value of prompt and padding positions.
         backend: "auto", "reference", "torch" or "triton" (see :mod:`alphapo.loss`).
-        scratch_bytes: extra-memory budget of the fused backends; None for their default.
+        scratch_bytes: extra-memory budget of the fused backends: the most logits a chunk
+            may hold (pair-chunked path) or the recompute path's chunk (torch) or ``dz``
+            slice (triton); None for each backend's default.
         process_group: vocabulary parallelism: each rank of this ``torch.distributed``
             group passes a contiguous slice of the vocabulary rows of ``lin_weight`` (and
             ``bias``), in rank order; every rank gets the same loss and ``grad_hidden``
             and the gradient of its own slice (see :mod:`alphapo._autograd`).
-        filter_eps: gradient filtering, ``"triton"`` only, off (None) by default: ``dz``
-            tiles whose largest ``|dz|`` is at most this skip their ``grad_hidden`` GEMM
-            work (``grad_weight`` stays exact). On peaked softmaxes most tiles are tiny;
-            a value near the bf16 resolution of ``grad_hidden`` leaves it within bf16 error.
+        filter_eps: gradient filtering, ``"triton"`` recompute path only, off (None) by
+            default: ``dz`` tiles whose largest ``|dz|`` is at most this skip their
+            ``grad_hidden`` GEMM work (``grad_weight`` stays exact).
+        path: "auto" (the rule below), "pair-chunked" or "recompute". The pair-chunked
+            path (6·N·H·V, :mod:`alphapo._pairchunk`) forms the gradients in the forward,
+            a chunk of whole pairs at a time; the recompute path (8·N·H·V) keeps no logits
+            and rebuilds them in the backward. "auto" takes the pair-chunked path when a
+            gradient is wanted and every pair's logits fit ``scratch_bytes``.
+        check_finite: refuse NaN/inf in ``hidden`` (valid positions), ``lin_weight``,
+            ``bias`` and the reference log-probs with a clear error. It costs nothing
+            extra (it reads sums the metrics need, in the call's one host sync); turn it
+            off only if you check elsewhere.
+
+    Forward argument ``nll_num_tokens``: the count the NLL term divides the chosen tokens'
+    summed NLL by (default: this call's own chosen-token count). For exact gradient
+    accumulation, when k micro-batch losses are each divided by k (and, under data
+    parallelism, averaged over R ranks), pass the step's total chosen tokens over all
+    micro-batches and ranks divided by ``k · R``.
     """
 
     def __init__(
@@ -284,6 +406,8 @@ class AlphaPOLoss(nn.Module):
         scratch_bytes: int | None = None,
         process_group=None,
         filter_eps: float | None = None,
+        path: str = "auto",
+        check_finite: bool = True,
     ):
         super().__init__()
         self.config = AlphaPOConfig(
@@ -293,15 +417,24 @@ class AlphaPOLoss(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _check_scratch(scratch_bytes)
         _check_filter(filter_eps)
-        self.backend = backend
-        self.scratch_bytes = scratch_bytes
-        self.process_group = process_group
-        self.filter_eps = filter_eps
+        _check_path(path)
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+        self.options = _Options(backend, scratch_bytes, process_group, filter_eps, path, check_finite)
+        self.last_path: str | None = None  # "pair-chunked", "recompute" or "reference", after a call
 
-    def forward(self, lin_weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None):
+    # The options as attributes, as before they were grouped.
+    backend = property(lambda self: self.options.backend)
+    scratch_bytes = property(lambda self: self.options.scratch_bytes)
+    process_group = property(lambda self: self.options.process_group)
+    filter_eps = property(lambda self: self.options.filter_eps)
+    path = property(lambda self: self.options.path)
+
+    def forward(self, lin_weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None, *,
+                nll_num_tokens=None):
         return _alphapo_loss(
-            lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps,
-            self.config, self.backend, self.scratch_bytes, self.process_group, self.filter_eps,
+            lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, self.config, self.options,
+            nll_num_tokens, owner=self,
         )
 
     def extra_repr(self) -> str:
@@ -309,5 +442,6 @@ class AlphaPOLoss(nn.Module):
         parallel = ", vocab_parallel=True" if self.process_group is not None else ""
         return (
             f"alpha={c.alpha}, beta={c.beta}, gamma={c.gamma}, loss_type={c.loss_type!r}, "
-            f"average_log_prob={c.average_log_prob}, nll_weight={c.nll_weight}, backend={self.backend!r}{parallel}"
+            f"average_log_prob={c.average_log_prob}, nll_weight={c.nll_weight}, backend={self.backend!r}, "
+            f"path={self.path!r}{parallel}"
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._tokens import accumulation_dtype
-from ._validation import check_inputs, check_targets
+from ._validation import check_inputs, scan_inputs
 from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
 
 
@@ -31,15 +31,23 @@ def _gather_logprobs(logits, target, ignore_index):
     return torch.where(valid, logps, torch.zeros_like(logps))
 
 
+def _zero_ignored(hidden, valid):
+    """hidden with ignored positions zeroed: their logits are never part of the loss, and a
+    NaN there must not reach ``grad_weight`` through ``0 * NaN`` (the fused backends never
+    read those rows)."""
+    return torch.where(valid.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+
+
 def token_logprobs_reference(weight, hidden, target, bias=None, ignore_index=-100):
     """Per-token ``z[y] - logsumexp(z)``, shape (2B, T); 0 where target == ignore_index."""
+    hidden = _zero_ignored(hidden, target != ignore_index)
     return _gather_logprobs(logits_reference(weight, hidden, bias), target, ignore_index)
 
 
-def sequence_logprobs_reference(weight, hidden, target, bias=None, average=True, ignore_index=-100):
+def sequence_logprobs_reference(weight, hidden, target, bias=None, average=True, ignore_index=-100, check_finite=True):
     """Per-sequence log-probs (2B,): summed, or divided by the valid-token count."""
     check_inputs(weight, hidden, target, bias, paired=False)
-    n_tokens = check_targets(target, weight.shape[0], ignore_index)
+    n_tokens = scan_inputs(weight, hidden, target, bias, weight.shape[0], ignore_index, (), check_finite).n_tokens
     summed = token_logprobs_reference(weight, hidden, target, bias, ignore_index).sum(-1)
     return summed / n_tokens if average else summed
 
@@ -52,18 +60,23 @@ def alphapo_loss_reference(
     ref_chosen_logps=None,
     ref_rejected_logps=None,
     config: AlphaPOConfig | None = None,
+    nll_tokens=None,
+    check_finite: bool = True,
     **options,
 ) -> tuple[torch.Tensor, AlphaPOOutput]:
-    """AlphaPO loss from materialised logits. ``options`` are :class:`AlphaPOConfig` fields."""
+    """AlphaPO loss from materialised logits. ``options`` are :class:`AlphaPOConfig` fields;
+    ``nll_tokens`` the NLL term's normaliser (see ``nll_num_tokens`` of :class:`AlphaPOLoss`)."""
     cfg = config if config is not None else AlphaPOConfig(**options)
     check_inputs(weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps)
-    n_tokens = check_targets(target, weight.shape[0], cfg.ignore_index)
-    logits = logits_reference(weight, hidden, bias)
+    refs = (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps))
+    n_tokens = scan_inputs(weight, hidden, target, bias, weight.shape[0], cfg.ignore_index, refs, check_finite).n_tokens
+    valid = target != cfg.ignore_index
+    logits = logits_reference(weight, _zero_ignored(hidden, valid), bias)
     seq_sum = _gather_logprobs(logits, target, cfg.ignore_index).sum(-1)
     loss, logps, _, rewards_w, rewards_l, nll = preference_loss(
-        seq_sum, n_tokens, cfg, ref_chosen_logps, ref_rejected_logps
+        seq_sum, n_tokens, cfg, ref_chosen_logps, ref_rejected_logps, nll_tokens=nll_tokens
     )
     with torch.no_grad():
-        logit_sums = (logits.sum(-1) * (target != cfg.ignore_index)).sum(-1).double()
+        logit_sums = torch.where(valid, logits.sum(-1), 0).sum(-1).double()
     out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, weight.shape[0])
     return loss.to(accumulation_dtype(hidden.dtype)), out  # float32, or float64 for float64 inputs

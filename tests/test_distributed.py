@@ -64,6 +64,11 @@ class Case:
 
 CASES = [
     Case("even-bias-sigmoid-fp64", V=12, options=dict(alpha=0.25)),
+    # The same on the recompute path (the default above is the pair-chunked one), and the
+    # pair-chunked path walking one pair per chunk (2 x 9 positions: 18 tokens at most).
+    Case("even-bias-sigmoid-fp64-recompute", V=12, options=dict(alpha=0.25, path="recompute")),
+    Case("pair-chunks-fp32-nll", dtype=torch.float32, options=dict(alpha=0.5, nll_weight=0.4, path="pair-chunked"),
+         chunk_tokens=18, seed=14),
     Case("uneven-nobias-hinge-fp64", sizes=(3, 10), bias=False, options=dict(alpha=-1.0, loss_type="hinge"), seed=1),
     Case("uneven-bias-ipo-alpha0-fp64", sizes=(9, 4), options=dict(alpha=0.0, loss_type="ipo", gamma=0.3), seed=2),
     Case(
@@ -112,6 +117,8 @@ CASES = [
 if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("alphapo.kernels") is not None:
     CASES += [
         Case("triton-uneven-bias-fp32", sizes=(5, 8), dtype=torch.float32, options=dict(backend="triton"), seed=12),
+        Case("triton-uneven-bias-fp32-recompute", sizes=(5, 8), dtype=torch.float32,
+             options=dict(backend="triton", path="recompute"), seed=15),
         Case(
             "triton-seqlogps-targets-on-rank1-hidden-grad-on-rank0-only",
             sizes=(5, 8),
@@ -256,7 +263,7 @@ def reference(case: Case) -> dict:
     weight = inp["weight"].clone().requires_grad_()
     bias = inp["bias"].clone().requires_grad_() if case.bias else None
     hidden = inp["hidden"].clone().requires_grad_()
-    options = {k: v for k, v in case.options.items() if k != "backend"}
+    options = {k: v for k, v in case.options.items() if k not in ("backend", "path")}
     out = {}
     if case.fn == "seqlogps":
         logps = sequence_logprobs_reference(weight, hidden, inp["target"], bias, **options)

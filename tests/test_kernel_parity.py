@@ -52,22 +52,27 @@ def _run(backend, options, batch, dtype, device, scratch_bytes=None, ref_logps=(
     return loss_and_grads(_loss(backend, options, target, ref_logps, scratch_bytes), weight, hidden, bias, seed=seed)
 
 
+PATHS = [pytest.param("pair-chunked", id="pair-chunked"), pytest.param("recompute", id="recompute")]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("options", OPTIONS)
-def test_fp32_matches_reference(shape, options, device):
+def test_fp32_matches_reference(shape, options, path, device):
     batch = make_batch(*shape, torch.float64, seed=sum(shape))
     ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
-    out, grads = _run("triton", options, batch, torch.float32, device)
+    out, grads = _run("triton", dict(options, path=path), batch, torch.float32, device)
     assert rel_err(out, ref) < TOL[torch.float32]
-    assert_grads_close(grads, ref_grads, TOL[torch.float32], f"triton fp32 {options}")
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], f"triton fp32 {options} {path}")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_fp16_no_worse_than_torch(bias, device):
+def test_fp16_no_worse_than_torch(bias, path, device):
     batch = make_batch(2, 13, 48, 200, torch.float64, bias=bias, seed=7)
     options = dict(alpha=0.25)
     ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
-    out, grads = _run("triton", options, batch, torch.float16, device)
+    out, grads = _run("triton", dict(options, path=path), batch, torch.float16, device)
     base, base_grads = _run("torch", options, batch, torch.float16, "cpu")
     assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-4
     for name, g in ref_grads.items():
@@ -82,11 +87,27 @@ def test_several_backward_slices(scratch_bytes, device):
     batch = make_batch(2, 11, 24, 300, torch.float64, seed=3)
     options = dict(alpha=0.5, nll_weight=0.3)
     ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
-    out, grads = _run("triton", options, batch, torch.float32, device, scratch_bytes=scratch_bytes)
+    out, grads = _run("triton", dict(options, path="recompute"), batch, torch.float32, device,
+                      scratch_bytes=scratch_bytes)
     n_valid = int((batch[2] != -100).sum())
     assert fused.slice_columns(n_valid, 300, 4, scratch_bytes, 32) < 300  # really several slices
     assert rel_err(out, ref) < TOL[torch.float32]
     assert_grads_close(grads, ref_grads, TOL[torch.float32], f"scratch {scratch_bytes}")
+
+
+def test_pair_chunks_of_unequal_pairs(device):
+    """The pair-chunked path over several chunks whose pairs differ in length, a bias, the
+    NLL term and label smoothing: every chunk's gradients are the batch's."""
+    batch = make_batch(4, 12, 24, 130, torch.float64, seed=31)
+    n = (batch[2] != -100).sum(1).tolist()
+    pair = [n[j] + n[4 + j] for j in range(4)]
+    assert len(set(pair)) > 1
+    options = dict(alpha=0.5, nll_weight=0.3, label_smoothing=0.1, path="pair-chunked")
+    scratch = max(pair) * 130 * 4  # the longest pair alone fills a chunk
+    ref, ref_grads = _run("reference", dict(options, path="auto"), batch, torch.float64, "cpu")
+    out, grads = _run("triton", options, batch, torch.float32, device, scratch_bytes=scratch)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], "pair chunks")
 
 
 def test_reference_logps_dpo(device):
@@ -156,7 +177,7 @@ def test_tma_forward_matches_reference(ragged, device, monkeypatch):
     half = torch.empty(200, 48, dtype=torch.float16, device=device)
     assert fused._use_tma(half, half, torch.device(device)), "the TMA path would not run"
     batch = make_batch(2, 13, 48, 200, torch.float64, ragged=ragged, prompt_len=None if ragged else 0, seed=23)
-    options = dict(alpha=0.25)
+    options = dict(alpha=0.25, path="recompute")  # the TMA kernel is the recompute path's forward
     ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu")
     base, base_grads = _run("torch", options, batch, torch.float16, "cpu")
     out, grads = _run("triton", options, batch, torch.float16, device)
@@ -175,7 +196,8 @@ def test_gradient_filtering(filter_eps, device, monkeypatch):
     """
     batch = make_batch(2, 16, 32, 600, torch.float64, seed=29, peak=8.0, scale=6.0)
     options = dict(alpha=0.25)
-    exact, exact_grads = _run("triton", options, batch, torch.float32, device)
+    # filtering is a recompute-path feature: compare with that path unfiltered
+    exact, exact_grads = _run("triton", dict(options, path="recompute"), batch, torch.float32, device)
     skipped = []
     real = fused._grad_h_kernel
 

@@ -53,31 +53,81 @@ def record(backend, weight, hidden, target, bias, **kw):
     return rec.created
 
 
-@pytest.mark.parametrize(
-    "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
-)
-def test_torch_backend_holds_no_chunk_over_scratch_bytes(dtype):
-    """float32 chunks of ``scratch_bytes // (4 V)`` tokens; half-precision inputs add the
-    GEMM's own half-precision chunk (half the size), which is within the budget too."""
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def _logit_like(created, V, H):
+    """Tensors with a vocabulary dimension besides the weight (V, H), its transpose and
+    per-vocabulary vectors (V,): blocks of logits, of their gradient dz, or temporaries."""
+    exempt = {(V,), (V, H), (H, V)}
+    return [c for c in created if V in c[1] and c[1] not in exempt]
+
+
+def _gemm_rows(created, V):
+    """Row counts of the (rows × V) logit GEMMs, i.e. the chunks."""
+    return sorted(c[1][0] for c in created if c[0] == "aten.mm.default" and len(c[1]) == 2 and c[1][1] == V)
+
+
+@pytest.fixture
+def small_sum_blocks(monkeypatch):
+    """Blocked metric sums in blocks far smaller than the test weight, so that a whole-weight
+    copy (float64 or float32) would stand out."""
+    from alphapo import _validation
+
+    monkeypatch.setattr(_validation, "_SUM_BLOCK_BYTES", 256)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recompute_path_holds_no_chunk_over_scratch_bytes(dtype, small_sum_blocks):
+    """Chunks of ``scratch_bytes // (V · itemsize)`` tokens; no logits-sized tensor."""
     B, T, H, V = 2, 40, 16, 101
     weight, hidden, target, bias = make_batch(B, T, H, V, dtype, seed=51, prompt_len=3)
     N = int((target != -100).sum())
     chunk_tokens = 7
-    scratch = chunk_tokens * V * 4
-    created = record("torch", weight, hidden, target, bias, scratch_bytes=scratch)
-
-    # Anything with a vocabulary dimension besides the weight (V, H), its transpose, and
-    # per-vocabulary vectors (V,) is a block of logits (or of their gradient dz).
-    exempt = {(V,), (V, H), (H, V)}
-    logit_like = [c for c in created if V in c[1] and c[1] not in exempt]
+    scratch = chunk_tokens * V * weight.element_size()
+    created = record("torch", weight, hidden, target, bias, scratch_bytes=scratch, path="recompute")
+    logit_like = _logit_like(created, V, H)
     assert logit_like, "the recorder saw no logit chunk: the test would prove nothing"
     full = {2 * B * T * V, N * V}
     assert not [c for c in created if c[3] // c[2].itemsize in full], "a full-size logits tensor was created"
     over = [c for c in logit_like if c[3] > scratch]
     assert not over, f"tensors over scratch_bytes={scratch}: {over[:5]}"
-    # the chunks are what the budget allows: 7 tokens, and the remainder
-    rows = {c[1][0] if c[1][1] == V else c[1][1] for c in logit_like if len(c[1]) == 2}
+    # the chunks are what the budget allows (forward and recomputed): 7 tokens, and the remainder
+    rows = set(_gemm_rows(created, V))
     assert rows == {chunk_tokens, N % chunk_tokens} - {0}, rows
+    _no_weight_copies(created, weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pair_chunked_path_holds_whole_pairs_within_scratch_bytes(dtype, small_sum_blocks):
+    """Chunks of whole pairs within ``scratch_bytes``; over the whole call (metrics
+    included) nothing else of (V, ·) size exists but the documented accumulators: the
+    gradient of the weight (float32 for 16-bit weights) and per-vocabulary vectors."""
+    B, T, H, V = 3, 40, 16, 101
+    weight, hidden, target, bias = make_batch(B, T, H, V, dtype, seed=52, prompt_len=3)
+    n = (target != -100).sum(1).tolist()
+    pair = [n[j] + n[B + j] for j in range(B)]
+    scratch = (max(pair) + 5) * V * weight.element_size()
+    created = record("torch", weight, hidden, target, bias, scratch_bytes=scratch, path="pair-chunked")
+    logit_like = _logit_like(created, V, H)
+    assert logit_like, "the recorder saw no logit chunk"
+    over = [c for c in logit_like if c[3] > scratch]
+    assert not over, f"tensors over scratch_bytes={scratch}: {over[:5]}"
+    from alphapo._pairchunk import chunk_pairs
+
+    chunks = chunk_pairs(n, scratch // (V * weight.element_size()))
+    assert len(chunks) > 1
+    assert _gemm_rows(created, V) == sorted(sum(pair[j0:j1]) for j0, j1 in chunks)
+    weight_sized = [c for c in created if c[1] == (V, H)]
+    accumulators = [c for c in weight_sized if c[2] == torch.float32]
+    assert len([c for c in accumulators if c[0] == "aten.zeros.default"]) <= 1, "one grad_W accumulator at most"
+    _no_weight_copies(created, weight)
+
+
+def _no_weight_copies(created, weight):
+    """No float64 tensor as large as the weight: the metrics' Σ_v W_v is a blocked sum."""
+    big64 = [c for c in created if c[2] == torch.float64 and c[3] >= weight.numel() * 8]
+    assert not big64, f"float64 weight-sized tensors: {big64[:3]}"
 
 
 def test_the_recorder_sees_the_references_full_logits():
@@ -161,8 +211,9 @@ def test_chunked_peak_memory_under_15_percent_of_reference():
     Without ``clear_refs`` each backend gets its own process and ``ru_maxrss``.
 
     The problem: 2 × 2 × 512 rows, V = 65,536, so the reference's float32 logits alone
-    are 2048 · 65536 · 4 B = 0.54 GB; the chunked backend holds one 64 MiB chunk (its
-    default budget) at a time. Measured here: ≈ 150 MiB vs ≈ 1.5 GiB.
+    are 2048 · 65536 · 4 B = 0.54 GB; the chunked backend holds one 128 MiB chunk (its
+    default budget: a pair of 2 × 512 tokens needs 256 MiB, so this runs the recompute
+    path) at a time.
     """
     B, T, H, V = 2, 512, 32, 65536
     logits_bytes = 2 * B * T * V * 4

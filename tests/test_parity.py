@@ -82,27 +82,32 @@ def widest(backend):
     return torch.float32 if backend == "triton" else torch.float64
 
 
+PATHS = ("pair-chunked", "recompute")
+
+
 def _backend_dtypes():
-    """(backend, dtype) pairs: each fused backend in float64 and float32, and the reference
-    itself in float32 (its float64 run is the expected value)."""
-    pairs = [pytest.param("reference", torch.float32, id="reference-fp32")]
+    """(backend, dtype, path) triples: each fused backend in float64 and float32 on both
+    paths, and the reference itself in float32 (its float64 run is the expected value)."""
+    triples = [pytest.param("reference", torch.float32, "auto", id="reference-fp32")]
     for bp in FUSED_BACKENDS:
         for dp in DTYPES:
             if bp.values[0] == "triton" and dp.values[0] == torch.float64:
                 continue  # the Triton kernels take 16- and 32-bit floats
-            pairs.append(pytest.param(bp.values[0], dp.values[0], id=f"{bp.id}-{dp.id}", marks=bp.marks))
-    return pairs
+            for path in PATHS:
+                triples.append(pytest.param(bp.values[0], dp.values[0], path, id=f"{bp.id}-{dp.id}-{path}",
+                                            marks=bp.marks))
+    return triples
 
 
 @pytest.mark.parametrize("options", CONFIGS)
 @pytest.mark.parametrize("bias", BIAS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("backend, dtype", _backend_dtypes())
-def test_loss_and_grads_match_reference(backend, dtype, shape, bias, options):
+@pytest.mark.parametrize("backend, dtype, path", _backend_dtypes())
+def test_loss_and_grads_match_reference(backend, dtype, path, shape, bias, options):
     B, T, H, V, batch_opts = shape
     device = device_for(backend)
     weight, hidden, target, b = make_batch(B, T, H, V, dtype, bias=bias, device=device, seed=B * T, **batch_opts)
-    loss, grads = run_loss(backend, weight, hidden, target, b, options)
+    loss, grads = run_loss(backend, weight, hidden, target, b, options, path=path)
     ref_loss, ref_grads = run_loss("reference", *upcast(weight, hidden), target, upcast(b)[0], options)
 
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -216,6 +221,7 @@ def test_module_equals_functional(backend):
     loss_m, aux_m = module(weight, hidden, target, b)
     loss_f, aux_f = alphapo.alphapo_loss(weight, hidden, target, b, **options, backend=backend)
     assert torch.equal(loss_m, loss_f)
+    assert module.last_path == "recompute"  # nothing requires grad: the forward alone, no gradient formed
     for x, y in zip(aux_m, aux_f):
         assert torch.equal(x, y)
 

@@ -42,12 +42,18 @@ def _signatures(dtype: torch.dtype, family: str):
     stats = {"h_ptr": p, "w_ptr": p, "b_ptr": p, "idx_ptr": "*i64:16", "y_ptr": "*i64:16"}
     strides = {"stride_hn": "i32:16", "stride_hh": "i32:1", "stride_wv": "i32:16", "stride_wh": "i32:1"}
     for has_bias in (False, True):
-        c = cfgs["fwd"]
-        yield "fwd", fused._lse_fwd_kernel, {
-            **stats, "m_ptr": "*fp32:16", "l_ptr": "*fp32:16", "tgt_ptr": "*fp32:16",
-            "N": "i32", "V": "i32", "H": "i32:16", "V_PER_SPLIT": "i32:16", **strides,
-        }, dict(HAS_BIAS=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
-                DOT_PRECISION=precision), c
+        for store_z in (False, True):  # the recompute path's forward, and the pair-chunked one
+            c = cfgs["fwd_store" if store_z else "fwd"]
+            yield "fwd", fused._lse_fwd_kernel, {
+                **stats, "m_ptr": "*fp32:16", "l_ptr": "*fp32:16", "tgt_ptr": "*fp32:16", "z_ptr": p,
+                "N": "i32", "V": "i32", "H": "i32:16", "V_PER_SPLIT": "i32:16", **strides, "stride_zn": "i32:16",
+            }, dict(HAS_BIAS=has_bias, STORE_Z=store_z, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
+                    DOT_PRECISION=precision), c
+        c = cfgs["dz_tile"]
+        yield "dz_tile", fused._dz_tile_kernel, {
+            "z_ptr": p, "y_ptr": "*i64:16", "lse_ptr": "*fp32:16", "coef_ptr": "*fp32:16", "db_ptr": "*fp32:16",
+            "N": "i32", "V": "i32", "ROWS_PER_PROGRAM": "i32:16", "stride_zn": "i32:16", "stride_dbn": "i32:16",
+        }, dict(HAS_BIAS=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n), c
         c = cfgs["dz"]
         yield "dz", fused._dz_kernel, {
             **stats, "lse_ptr": "*fp32:16", "coef_ptr": "*fp32:16", "dz_ptr": p, "db_ptr": "*fp32:16",

@@ -40,6 +40,9 @@ class LaunchConfig(NamedTuple):
 
 
 KERNELS = ("fwd", "fwd_tma", "dz", "grad_h")
+# The elementwise dz kernel of the pair-chunked path (no GEMM): block_m × block_n tiles,
+# block_k rows swept per program (so its bias partials are few).
+TILE_KERNEL = "dz_tile"
 
 # Which forward kernel each family runs: the pointer-based one everywhere until the TMA
 # persistent kernel is measured against it on a lent Hopper GPU (GPU performance issue I);
@@ -52,10 +55,23 @@ GRID_WAVES = 2
 PERSISTENT_WAVES = 8
 
 # (family, dtype class) -> kernel -> config
+# fwd_store: the forward that also stores each logit tile (pair-chunked path). The store's
+# cast keeps a 16-bit copy of the tile live: at the fwd tile (128×128×64 on sm_90) ptxas
+# spilled 48 bytes with a bias, so the K step halves (128×128×32, 0 spills, Triton 3.9);
+# float32 (64×64×32 and 64×64×16 spilled 36 bytes on sm_90) takes 32×64×32.
+_FWD_STORE_16 = LaunchConfig(128, 128, 32, 8, 3)
+_FWD_STORE_32 = LaunchConfig(32, 64, 32, 4, 2)
+# dz_tile on GPUs: 16 × 512 tiles over 4 warps (64 elements a thread, one exp each),
+# 256 rows a program: at 4,096 tokens × 128,256 vocabulary, 16 × 251 programs.
+_DZ_TILE = LaunchConfig(16, 512, 256, 4, 1)
+
 CONFIGS: dict[tuple[str, str], dict[str, LaunchConfig]] = {
-    ("sm90", "16bit"): {k: LaunchConfig(128, 128, 64, 8, 3) for k in KERNELS},
-    ("sm80", "16bit"): {k: LaunchConfig(128, 128, 32, 8, 3) for k in KERNELS},
-    ("sm90", "fp32"): {k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
+    ("sm90", "16bit"): {**{k: LaunchConfig(128, 128, 64, 8, 3) for k in KERNELS},
+                        "fwd_store": _FWD_STORE_16, TILE_KERNEL: _DZ_TILE},
+    ("sm80", "16bit"): {**{k: LaunchConfig(128, 128, 32, 8, 3) for k in KERNELS},
+                        "fwd_store": _FWD_STORE_16, TILE_KERNEL: _DZ_TILE},
+    ("sm90", "fp32"): {**{k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
+                       "fwd_store": _FWD_STORE_32, TILE_KERNEL: _DZ_TILE},
     # sm_80 float32: the dz kernel with a bias and gradient filtering spilled 8 bytes at
     # 64 rows, grad_h 36 bytes at 32×64: 32-row tiles (equal rows, as filtering needs) do not.
     ("sm80", "fp32"): {
@@ -63,9 +79,13 @@ CONFIGS: dict[tuple[str, str], dict[str, LaunchConfig]] = {
         "fwd_tma": LaunchConfig(64, 64, 32, 4, 2),
         "dz": LaunchConfig(32, 64, 32, 4, 2),
         "grad_h": LaunchConfig(32, 32, 32, 4, 2),
+        "fwd_store": _FWD_STORE_32,
+        TILE_KERNEL: _DZ_TILE,
     },
-    ("interpreter", "16bit"): {k: LaunchConfig(16, 32, 16, 1, 1) for k in KERNELS},
-    ("interpreter", "fp32"): {k: LaunchConfig(16, 32, 16, 1, 1) for k in KERNELS},
+    ("interpreter", "16bit"): {**{k: LaunchConfig(16, 32, 16, 1, 1) for k in (*KERNELS, "fwd_store")},
+                               TILE_KERNEL: LaunchConfig(16, 32, 32, 1, 1)},
+    ("interpreter", "fp32"): {**{k: LaunchConfig(16, 32, 16, 1, 1) for k in (*KERNELS, "fwd_store")},
+                              TILE_KERNEL: LaunchConfig(16, 32, 32, 1, 1)},
 }
 
 

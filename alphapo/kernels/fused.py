@@ -56,6 +56,11 @@ except ImportError:  # pragma: no cover - older Triton keeps the pointer forward
 # 6,144 columns (21 slices); with the 256 MiB float32 grad_h accumulator the backward's
 # extra memory stays under 512 MB.
 DEFAULT_SCRATCH_BYTES = 192 * 2**20
+# Pair-chunked path: the logits of one chunk of whole pairs, in the input dtype. 1 GiB holds
+# 4,185 bf16 tokens at the Llama-3-8B head (V = 128,256): a pair of 2 × 2,048 tokens. With
+# the 2.1 GB float32 grad_W accumulator that is ≈ 3.2 GB extra, under Liger's 4.0 GB there
+# (DESIGN.md §3); pass a smaller scratch_bytes for the lean recompute path.
+DEFAULT_PAIR_SCRATCH_BYTES = 2**30
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -104,16 +109,18 @@ def _online_lse(z, offs_v, mask_v, y, m_i, l_i, tgt):
 @triton.jit
 def _lse_fwd_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr,
+    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr, z_ptr,
     # sizes
     N, V, H, V_PER_SPLIT,
     # strides
-    stride_hn, stride_hh, stride_wv, stride_wh,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_zn,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Per (token block, vocabulary split): running max m_i, Σ exp(z - m_i) l_i, target logit."""
+    """Per (token block, vocabulary split): running max m_i, Σ exp(z - m_i) l_i, target logit;
+    with ``STORE_Z`` (the pair-chunked path) each logit tile is also written to ``z``, in
+    z's dtype, at row ``n`` (the token's place in the chunk)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,6 +142,9 @@ def _lse_fwd_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
         )
+        if STORE_Z:  # before the reduction: its temporaries and the stored copy never coexist
+            z_ptrs = z_ptr + offs_n[:, None].to(tl.int64) * stride_zn + offs_v[None, :]
+            tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
         m_i, l_i, tgt = _online_lse(z, offs_v, mask_v, y, m_i, l_i, tgt)
 
     out = pid_s * N + offs_n
@@ -233,6 +243,44 @@ def _dz_kernel(
     if FILTER:
         # max |dz| of the tile: _grad_h_kernel skips tiles that cannot move grad_hidden.
         tl.store(tile_max_ptr + pid_n * stride_tmn + pid_v, tl.max(tl.max(tl.abs(tl.where(mask, dz, 0.0)), axis=1), axis=0))
+
+
+@triton.jit
+def _dz_tile_kernel(
+    # pointers
+    z_ptr, y_ptr, lse_ptr, coef_ptr, db_ptr,
+    # sizes
+    N, V, ROWS_PER_PROGRAM,
+    # strides
+    stride_zn, stride_dbn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """z[n, v] <- coef_n (1[v = y_n] - exp(z_nv - lse_n)), in place: the pair-chunked
+    forward's stored logits become dz. Each program owns ROWS_PER_PROGRAM rows of one
+    column block, so that with a bias its column sums of dz (float32) are one partial per
+    program, reduced in a fixed order on the host side (no atomics)."""
+    pid_r = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    col = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    r_end = tl.minimum(N, (pid_r + 1) * ROWS_PER_PROGRAM)
+    for r0 in range(pid_r * ROWS_PER_PROGRAM, r_end, BLOCK_N):
+        offs_n = r0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < r_end
+        mask = mask_n[:, None] & mask_v[None, :]
+        ptrs = z_ptr + offs_n[:, None].to(tl.int64) * stride_zn + offs_v[None, :]
+        z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int32)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
+        dz = coef[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
+        tl.store(ptrs, dz.to(z_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            col += tl.sum(tl.where(mask, dz, 0.0), axis=0)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid_r * stride_dbn + offs_v, col, mask=mask_v)
 
 
 @triton.jit
@@ -373,13 +421,65 @@ def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype)
     v_per_split, splits = _vocab_splits(N, V, cfg, GRID_WAVES, device)
     m, l, tgt = (torch.empty((splits, N), dtype=torch.float32, device=device) for _ in range(3))
     _lse_fwd_kernel[(triton.cdiv(N, cfg.block_m), splits)](
-        h2d, weight, b_arg, flat_idx, target, m, l, tgt,
+        h2d, weight, b_arg, flat_idx, target, m, l, tgt, m,
         N, V, H, v_per_split,
-        h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+        h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), 0,
+        HAS_BIAS=bias is not None, STORE_Z=False, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _partials(m, l, tgt)
+
+
+# ----------------------------------------------------------------------------- pair-chunked path
+
+
+def chunk_logits(h, weight, bias, y, acc_dtype):
+    """The pair-chunked path's forward for one chunk (see :mod:`alphapo._pairchunk`).
+
+    ``h`` (n, H): the chunk's valid hidden rows, ``y`` (n,) their targets. Returns the
+    logits ``z`` (n, V) in the input dtype, stored by the forward kernel as it reduces
+    each tile, their ``lse`` and ``tgt`` (n,) in float32, and no backend state.
+    """
+    _check(h, weight)
+    n, (V, H) = h.shape[0], weight.shape
+    device = h.device
+    z = torch.empty((n, V), dtype=h.dtype, device=device)
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return z, empty, empty.clone(), None
+    cfg = launch_config(device, h.dtype, "fwd_store")
+    v_per_split, splits = _vocab_splits(n, V, cfg, GRID_WAVES, device)
+    m, l, tgt = (torch.empty((splits, n), dtype=torch.float32, device=device) for _ in range(3))
+    rows = torch.arange(n, device=device)  # h is the compacted chunk: row n is token n
+    _lse_fwd_kernel[(triton.cdiv(n, cfg.block_m), splits)](
+        h, weight, bias if bias is not None else weight, rows, y, m, l, tgt, z,
+        n, V, H, v_per_split,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), z.stride(0),
+        HAS_BIAS=bias is not None, STORE_Z=True, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+        DOT_PRECISION=_dot_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    lse, tgt = _partials(m, l, tgt)
+    return z, lse, tgt, None
+
+
+def logits_to_dz_(z, lse, coef, y, need_b: bool, state=None):
+    """``z`` <- ``coef (onehot(y) - exp(z - lse))`` in place; the bias gradient of the
+    chunk (float32, (V,)) when ``need_b``."""
+    n, V = z.shape
+    if n == 0:
+        return torch.zeros(V, dtype=torch.float32, device=z.device) if need_b else None
+    cfg = launch_config(z.device, z.dtype, "dz_tile")
+    rows_per_program = cfg.block_k  # block_k: rows a program sweeps (the tile has no reduction axis)
+    row_groups = triton.cdiv(n, rows_per_program)
+    db = torch.empty((row_groups, V), dtype=torch.float32, device=z.device) if need_b else None
+    _dz_tile_kernel[(row_groups, triton.cdiv(V, cfg.block_n))](
+        z, y, lse, coef.to(torch.float32).contiguous(), db if need_b else lse,
+        n, V, rows_per_program,
+        z.stride(0), db.stride(0) if need_b else 0,
+        HAS_BIAS=need_b, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return db.sum(0) if need_b else None
 
 
 def _compact_rows(h2d, flat_idx):
