@@ -110,7 +110,7 @@ class TrainConfig:
     keep_last: int = knob(2, "checkpoints kept on disk")
     max_nonfinite: int = knob(10, "abort once this many steps had a non-finite loss or gradient (each is skipped)")
     plot: bool = knob(True, "write plot.png at the end")
-    progress: bool = knob(True, "show a progress bar")
+    progress: bool = knob(True, "show progress: a bar on a terminal, else a plain line every 1/20 of the run")
 
 
 # The first knob of each section, for --help.

@@ -60,6 +60,7 @@ class Run:
     step: int = 0
     nonfinite: int = 0
     changes: list[dict] = field(default_factory=list)  # knobs changed on resume, at their step
+    resumed_at: int | None = None  # the step this invocation resumed at; None: a fresh run
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +130,7 @@ def start(cfg: TrainConfig, log) -> Run:
               optimizer, scheduler, metrics=None)
     if checkpoint is not None:
         run.step, run.nonfinite = C.restore(checkpoint, wrapper, optimizer, scheduler, par)
+        run.resumed_at = run.step
         if changes:  # the restored optimizer and schedule hold the saved lr, betas, decay
             B.follow_config(cfg, optimizer, scheduler)
         run.changes = saved["changes"] + changes
@@ -236,8 +238,8 @@ def train_step(run: Run):
                 loss, aux = run.wrapper(**batch)
             (loss / cfg.grad_accum).backward()
         step_loss += loss.detach().double() / cfg.grad_accum
-        for k, v in aux.to_dict().items():
-            step_metrics[k] = step_metrics.get(k, 0) + v.double() / cfg.grad_accum
+        for k, v in aux.to_dict().items():  # detached: a metric must not keep the step's graph alive
+            step_metrics[k] = step_metrics.get(k, 0) + v.detach().double() / cfg.grad_accum
         step_tokens += batch["attention_mask"].sum()
     grad_norm = P.clip_grad_norm(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     # The mean over ranks: the whole batch's loss, and one skip decision for every rank.
@@ -315,7 +317,7 @@ def after_step(run: Run, window: Window, progress: R.Progress, t_start: float) -
 
 def finish(run: Run, seconds: float) -> dict:
     """The summary (printed, and with the plot written by rank 0); the process group is torn down."""
-    summary = R.summarize(run.metrics.history, run.run_dir, run.cfg, seconds, run.changes)
+    summary = R.summarize(run.metrics.history, run.run_dir, run.cfg, seconds, run.changes, run.resumed_at)
     if run.par.is_main:
         if run.cfg.plot:
             R.plot_metrics(run.metrics.history, run.run_dir / "plot.png", title=R.plot_title(run.cfg, run.changes))

@@ -9,6 +9,7 @@ rank keeps the records in memory, rank 0 alone writes them. At the end the recor
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,25 +69,39 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Progress:
-    """The progress bar, and messages that print through it so that it stays on one line."""
+    """What the run shows while it trains: a progress bar on a terminal, otherwise a plain line
+    about every twentieth of the run (redrawn into a log file, a bar is hundreds of lines).
+
+    Messages print through the bar while it is drawn, so that it stays on one line.
+    """
 
     def __init__(self, cfg, step: int, log, par: P.Parallel):
         from tqdm.auto import tqdm
 
+        self.log, self.max_steps, self.last = log, cfg.max_steps, step
         self.shown = cfg.progress and par.is_main
-        self.through_bar = cfg.progress and log is print
-        self.log = log
-        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.shown, dynamic_ncols=True, desc="train")
+        # The bar writes to stderr and the messages to stdout: both must be a terminal.
+        self.terminal = self.shown and log is print and sys.stdout.isatty() and sys.stderr.isatty()
+        self.every = max(cfg.log_every, math.ceil(cfg.max_steps / 20))
+        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.terminal, dynamic_ncols=True,
+                        desc="train")
 
     def step(self, entry: dict | None = None) -> None:
         """One step done; ``entry``: its training record, if one was logged."""
         self.bar.update(1)
-        if entry is not None and "loss" in entry:
+        if entry is None or "loss" not in entry or not self.shown:
+            return
+        if self.terminal:
             self.bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['rewards/accuracies']:.2f}",
                                  margin=f"{entry['rewards/margins']:.2f}")
+        elif entry["step"] - self.last >= self.every or entry["step"] == self.max_steps:
+            self.last = entry["step"]
+            self.log(f"step {entry['step']}/{self.max_steps}: loss {entry['loss']:.3f}, reward accuracy "
+                     f"{entry['rewards/accuracies']:.1%}, margin {entry['rewards/margins']:.2f}, "
+                     f"{entry['tokens_per_s']:,.0f} tokens/s, lr {entry['lr']:.3g}")
 
     def say(self, message: str) -> None:
-        self.bar.write(message) if self.through_bar else self.log(message)
+        self.bar.write(message) if self.terminal else self.log(message)
 
     def close(self) -> None:
         self.bar.close()
@@ -146,7 +161,10 @@ def plot_title(cfg, changes: list[dict]) -> str:
     return f"AlphaPO, alpha = {first}" + "".join(f", {c['to']} from step {c['step']}" for c in alphas)
 
 
-def summarize(history: list[dict], run_dir: Path, cfg, seconds: float, changes: list[dict] = ()) -> dict:
+def summarize(history: list[dict], run_dir: Path, cfg, seconds: float, changes: list[dict] = (),
+              resumed_at: int | None = None) -> dict:
+    """The run's figures (``summary.json``): ``steps`` in all, ``steps_this_run`` and ``seconds``
+    of this invocation (``resumed_at``: the step it resumed at, None for a fresh run)."""
     held = [r for r in history if "eval_loss" in r]
     first, last = held[0], held[-1]
     peak = max(held, key=lambda r: r["eval_logps/chosen"])  # displacement shows as a fall from here
@@ -154,6 +172,8 @@ def summarize(history: list[dict], run_dir: Path, cfg, seconds: float, changes: 
     return {
         "run_dir": str(run_dir),
         "steps": last["step"],
+        "steps_this_run": last["step"] - (resumed_at or 0),
+        "resumed_at": resumed_at,
         "seconds": round(seconds, 1),
         "alpha": cfg.alpha,  # at the end: see "changes"
         "eval_pairs": last["eval_pairs"],
@@ -176,7 +196,14 @@ def summarize(history: list[dict], run_dir: Path, cfg, seconds: float, changes: 
 
 def print_summary(s: dict, log=print) -> None:
     log("")
-    log(f"done: {s['steps']} steps in {s['seconds']:.0f} s")
+    if s["resumed_at"] is None:
+        log(f"done: {s['steps']} steps in {s['seconds']:.0f} s")
+    elif s["steps_this_run"]:
+        log(f"done: {s['steps_this_run']} steps in this run (steps {s['resumed_at'] + 1}-{s['steps']}, resumed at "
+            f"step {s['resumed_at']}; {s['steps']} in all) in {s['seconds']:.0f} s")
+    else:
+        log(f"done: nothing to train: the run is at step {s['steps']} of --max-steps {s['steps']} (raise "
+            "--max-steps to go on)")
     log(f"  held-out reward accuracy  {s['accuracy_before']:6.1%} -> {s['accuracy_after']:6.1%}"
         f"   ({s['eval_pairs']} pairs; chance is 50%)")
     log(f"  chosen log-prob / token   {s['chosen_logps_before']:7.3f} -> {s['chosen_logps_after']:7.3f}"
