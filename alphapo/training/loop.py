@@ -224,18 +224,20 @@ def train_step(run: Run):
     ``--resume`` exact. The loss and metrics are means over the step's pairs (this rank's).
     """
     cfg, device = run.cfg, run.device
+    batches = [P.local_batch(run.train_batches.batch(run.step * cfg.grad_accum + micro), run.par)[0]
+               for micro in range(cfg.grad_accum)]
+    batches = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in batches]
+    nll_tokens = nll_tokens_per_call(batches, run.par) if cfg.nll_weight > 0 else None
     step_loss = torch.zeros((), device=device, dtype=torch.float64)
     step_metrics: dict[str, torch.Tensor] = {}
     step_tokens = torch.zeros((), device=device, dtype=torch.long)
-    for micro in range(cfg.grad_accum):
-        batch, _ = P.local_batch(run.train_batches.batch(run.step * cfg.grad_accum + micro), run.par)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    for micro, batch in enumerate(batches):
         # DDP averages the ranks' gradients in the last micro-batch's backward; each
         # rank's loss is the mean over its B / R pairs, so the average is the whole
         # micro-batch's mean (alphapo/training/parallel.py).
         with P.grad_sync(run.wrapper, run.par, sync=micro == cfg.grad_accum - 1):
             with run.autocast():
-                loss, aux = run.wrapper(**batch)
+                loss, aux = run.wrapper(**batch, nll_num_tokens=nll_tokens)
             (loss / cfg.grad_accum).backward()
         step_loss += loss.detach().double() / cfg.grad_accum
         for k, v in aux.to_dict().items():  # detached: a metric must not keep the step's graph alive
@@ -245,6 +247,20 @@ def train_step(run: Run):
     # The mean over ranks: the whole batch's loss, and one skip decision for every rank.
     step_loss = P.all_reduce({"loss": step_loss}, run.par, op="mean")["loss"]
     return step_loss, grad_norm, step_metrics, step_tokens
+
+
+def nll_tokens_per_call(batches: list[dict], par: P.Parallel) -> torch.Tensor:
+    """The step's chosen target tokens, over every micro-batch and rank, per loss call.
+
+    Each call's NLL term is its chosen tokens' summed NLL over this count; the calls' losses
+    are divided by ``grad_accum`` and DDP averages them over R ranks, so the step's NLL is
+    the sum over all its chosen tokens divided by their total, as one whole batch's would
+    be. (Each call's own token mean would weight the tokens of a short micro-batch, or of a
+    rank with short pairs, more.) Chosen rows come first in each (2B, T) batch.
+    """
+    count = sum((b["labels"][: b["labels"].shape[0] // 2, 1:] != -100).sum() for b in batches)
+    total = P.all_reduce({"chosen_tokens": count}, par)["chosen_tokens"]
+    return total / (len(batches) * par.world_size)
 
 
 def update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, progress: R.Progress) -> bool:

@@ -113,6 +113,8 @@ class AlphaPOModel(nn.Module):
     ``forward(input_ids, attention_mask, labels) -> (loss, aux)``: all three are (2B, T),
     chosen rows first; ``labels`` hold -100 on prompt and padding, unshifted (position
     ``t`` of the hidden states predicts ``labels[t + 1]``, as in Hugging Face models).
+    ``nll_num_tokens`` (optional) is the loss's: the count its NLL term divides by, which
+    makes gradient accumulation exact (see :func:`alphapo.training.loop.nll_tokens_per_call`).
     Under autocast the loss runs in the autocast dtype (hidden states and a cast of the
     ``lm_head`` weight, as the ``nn.Linear`` would), with autocast itself switched off
     inside the fused kernels.
@@ -124,11 +126,11 @@ class AlphaPOModel(nn.Module):
         self.loss_fn = loss_fn
         decoder_and_head(lm)  # fail at construction, not at the first step
 
-    def forward(self, input_ids, attention_mask, labels):
-        return fused_forward(self.lm, self.loss_fn, input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, nll_num_tokens=None):
+        return fused_forward(self.lm, self.loss_fn, input_ids, attention_mask, labels, nll_num_tokens=nll_num_tokens)
 
 
-def fused_forward(lm: nn.Module, loss_fn: AlphaPOLoss, input_ids, attention_mask, labels):
+def fused_forward(lm: nn.Module, loss_fn: AlphaPOLoss, input_ids, attention_mask, labels, *, nll_num_tokens=None):
     """The body of :meth:`AlphaPOModel.forward`, for integrations that patch a model's forward."""
     decoder, head = decoder_and_head(lm)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -143,4 +145,4 @@ def fused_forward(lm: nn.Module, loss_fn: AlphaPOLoss, input_ids, attention_mask
         dtype = head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return loss_fn(head.weight.to(dtype), hidden.to(dtype), target, bias=bias)
+        return loss_fn(head.weight.to(dtype), hidden.to(dtype), target, bias=bias, nll_num_tokens=nll_num_tokens)

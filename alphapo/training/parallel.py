@@ -10,9 +10,10 @@ micro-batch of B pairs is split into R equal parts, B / R pairs per rank::
 
 The last line holds because every rank has the same pair count, which
 :func:`local_batch` enforces for training (``batch_size % world_size == 0``). The
-optional NLL term (``nll_weight > 0``) is a mean over a rank's chosen *tokens*, whose
-counts differ between ranks: its averaged gradient is a mean of per-rank token means,
-close to but not exactly the whole batch's token mean (as in any DDP trainer).
+optional NLL term (``nll_weight > 0``) is a sum over chosen *tokens*, whose counts differ
+between ranks: each call divides it by the step's chosen tokens over all ranks and
+micro-batches per call (``nll_num_tokens``, :func:`alphapo.training.loop.nll_tokens_per_call`),
+so its averaged gradient is the whole batch's token mean too.
 
 The loss is computed inside the wrapped module's forward (:class:`alphapo.training.modeling.AlphaPOModel`),
 so under FSDP2 the root module's pre-forward all-gather has unsharded ``lm_head.weight``

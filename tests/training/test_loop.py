@@ -77,6 +77,28 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert big["accuracy_before"] == small["accuracy_before"]
 
 
+def step_gradients(tmp_path, name, **knobs) -> dict[str, torch.Tensor]:
+    """The gradients of one training step (float64, unclipped), before the optimizer sees them."""
+    threads = torch.get_num_threads()
+    try:
+        run = loop.start(tiny_config(tmp_path, name, grad_clip=0.0, **knobs), quiet)
+        run.wrapper.double()
+        loop.train_step(run)
+    finally:
+        torch.set_num_threads(threads)
+    return {n: p.grad.clone() for n, p in run.wrapper.named_parameters()}
+
+
+@pytest.mark.parametrize("nll_weight", [0.0, 0.5])
+def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path, nll_weight):
+    """4 micro-batches of 2 pairs = 1 batch of 8, NLL term included: it is normalised by the
+    step's chosen tokens (nll_num_tokens), not by each micro-batch's own."""
+    whole = step_gradients(tmp_path, "whole", batch_size=8, grad_accum=1, nll_weight=nll_weight)
+    parts = step_gradients(tmp_path, "parts", batch_size=2, grad_accum=4, nll_weight=nll_weight)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, monkeypatch):
     built = []
     build_model = build.build_model

@@ -41,7 +41,8 @@ WORKERS_TIMEOUT_S = 150  # the whole worker pair, start-up included
 TINY = dict(train_size=96, eval_size=33, n_layer=1, n_embd=32, n_head=2, batch_size=8, grad_accum=2,
             eval_batch_size=16, max_steps=4, warmup_steps=2, eval_every=2, save_every=2, log_every=1,
             progress=False, plot=False)
-JOBS = ("ddp", "fsdp", "fsdp-cut")
+JOBS = ("ddp", "fsdp", "fsdp-cut", "ddp-nll")
+NLL = {"nll_weight": 0.5}  # the ddp-nll job's loss: with the chosen tokens' NLL
 # Both runs are float32 with the same data: they differ only in the order of the sums
 # (two half-batch backwards and the ranks' all-reduce vs one whole-batch backward).
 ATOL, RTOL = 2e-5, 1e-4
@@ -70,7 +71,8 @@ def records(run_dir: Path) -> list[dict]:
 
 def run_job(job: str, out: Path, rank: int) -> dict:
     """One training run on this rank; what the test needs besides the run directory."""
-    cfg = TrainConfig(**TINY, parallel=job.split("-")[0], out_dir=str(out / job))
+    cfg = TrainConfig(**TINY, **(NLL if job.endswith("nll") else {}), parallel=job.split("-")[0],
+                      out_dir=str(out / job))
     info = {}
     if job == "fsdp":
         # What the fused loss reads under FSDP: the whole lm_head weight, not a DTensor shard.
@@ -159,6 +161,7 @@ def runs(tmp_path_factory) -> dict:
     try:
         # The reference: one process, the whole batch. The control: one process, half of it.
         loop.train(TrainConfig(**TINY, out_dir=str(out / "single")), log=quiet)
+        loop.train(TrainConfig(**TINY, **NLL, out_dir=str(out / "single-nll")), log=quiet)
         loop.train(TrainConfig(**{**TINY, "batch_size": 4}, out_dir=str(out / "half")), log=quiet)
         logs = [proc.communicate(timeout=WORKERS_TIMEOUT_S)[0] for proc in procs]
     except subprocess.TimeoutExpired:
@@ -177,7 +180,7 @@ def runs(tmp_path_factory) -> dict:
         errors = [r["error"] for r in results.values() if "error" in r]
         assert not errors, errors[0]
         assert list(results) == list(JOBS), f"rank {rank} ran {list(results)}"
-    return {"dirs": {name: out / name for name in ("single", "half", *JOBS)}, "info": info}
+    return {"dirs": {name: out / name for name in ("single", "single-nll", "half", *JOBS)}, "info": info}
 
 
 def assert_params_close(got: dict, want: dict, what: str, atol=ATOL, rtol=RTOL):
@@ -213,6 +216,18 @@ def test_two_ranks_with_half_the_batch_match_one_process(runs, mode):
     assert got[-1]["eval_pairs"] == TINY["eval_size"]
     # Tokens are counted over both ranks' pairs.
     assert got[1]["tokens_per_s"] > 0 and "loss" in got[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_with_an_nll_term(runs):
+    """The NLL term is normalised by the step's chosen tokens over both ranks and both micro-batches
+    (nll_num_tokens), so DDP on unequal token counts is the whole batch's gradient, as without it."""
+    dirs = runs["dirs"]
+    assert_params_close(params_of(dirs["ddp-nll"]), params_of(dirs["single-nll"]), "ddp-nll")
+    want, got = records(dirs["single-nll"]), records(dirs["ddp-nll"])
+    for w, g in zip(want, got):
+        if "loss" in w:
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-5), f"step {w['step']}"
 
 
 @pytest.mark.slow
