@@ -1,8 +1,9 @@
 """How each provider × case is measured, and the run loop that turns them into records.
 
-Per case (once): the seeded batch; the **floor**, 4 × the time of one cuBLAS (CPU: BLAS)
-GEMM of (valid tokens × H)·(H × V) in the benchmark dtype — the 8·N·H·V limit of a method
-that stores no logits; and the **accuracy reference**, loss and gradients in float32 on
+Per case (once): the seeded batch; ``gemm_ms``, the time of one cuBLAS (CPU: BLAS) GEMM
+of (valid tokens × H)·(H × V) in the benchmark dtype, and the **floor** ``floor_ms`` =
+4 × it — the 8·N·H·V limit of a method that stores no logits (3 × ``gemm_ms`` is the
+6·N·H·V limit of the pair-chunked order); and the **accuracy reference**, loss and gradients in float32 on
 GPU (float64 on CPU), exact, computed in row chunks so that it fits at every shape.
 
 Per provider × case: one warm-up call (compilation, autotuning, allocator), then
@@ -16,9 +17,11 @@ Per provider × case: one warm-up call (compilation, autotuning, allocator), the
   process that runs this provider alone (see :func:`cpu_peak_bytes`);
 * accuracy: norm-wise relative error ``|x − x_ref| / |x_ref|`` of the loss, grad_hidden
   and grad_weight of that same call;
-* ``tflops = 8·n_valid·H·V / fwd_bwd time``: the useful work of the problem (the
-  valid-token GEMMs forward, recomputed, and for both gradients), whatever the provider
-  actually computes.
+* ``tflops = 6·n_valid·H·V / fwd_bwd time``: the work of the problem (the valid-token
+  GEMM forward and the two gradient GEMMs), whatever the provider actually computes;
+* ``path``: the order of work that ran — alphapo's ``pair-chunked`` (6·N·H·V) or
+  ``recompute`` (8·N·H·V), read from the loss module after the call; for peers, their
+  method (``materialised``, ``chunked``, ``recompute``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Every record carries these keys (values may be null, e.g. for skipped providers).
 RECORD_FIELDS = (
     "provider", "preset", "mask", "logits", "B", "T", "H", "V", "N", "n_valid", "dtype",
-    "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20_ms", "fwd_bwd_p80_ms", "peak_mem_mb", "floor_ms", "tflops",
+    "fwd_ms", "fwd_bwd_ms", "fwd_bwd_p20_ms", "fwd_bwd_p80_ms", "peak_mem_mb", "gemm_ms", "floor_ms", "tflops",
+    "path",
     "loss_rel_err", "grad_h_rel_err", "grad_w_rel_err", "status", "reason",
     "device", "torch", "triton", "commit",
 )  # fmt: skip
@@ -285,8 +289,8 @@ def gpu_peak_bytes(fn, device):
 # ---------------------------------------------------------------------------------------
 
 
-def time_floor(batch, n_valid: int, device: torch.device) -> float:
-    """4 × the time of one (n_valid × H)·(H × V) GEMM in the batch's dtype, in ms."""
+def time_gemm(batch, n_valid: int, device: torch.device) -> float:
+    """The time of one (n_valid × H)·(H × V) GEMM in the batch's dtype, in ms."""
     H = batch.hidden.shape[-1]
     a = batch.hidden.reshape(-1, H)[: max(1, n_valid)]  # n_valid ≤ 2B·T rows: any n_valid of them
     b = batch.weight.t()
@@ -300,7 +304,7 @@ def time_floor(batch, n_valid: int, device: torch.device) -> float:
         p50 = gpu_time(fn, (time.perf_counter() - t0) * 1e3)[0]
     else:
         p50 = cpu_time(fn, min_reps=5, budget_s=0.3)[0]
-    return 4.0 * p50
+    return p50
 
 
 @dataclass
@@ -433,6 +437,7 @@ def measure(fn, weight, hidden, target, ref: Reference | None, device: torch.dev
         "fwd_bwd_ms": bwd_ms, "fwd_bwd_p20_ms": bwd_p20, "fwd_bwd_p80_ms": bwd_p80,
         "peak_mem_mb": max(0, peak_bytes - grad_bytes) / 2**20,
         "loss": float(loss.item()),
+        "path": P.path_of(fn),
     }  # fmt: skip
     if ref is not None:
         out["loss_rel_err"] = rel_err(loss, ref.loss)
@@ -514,8 +519,9 @@ def finish_record(rec: dict, result: dict, case_info: dict) -> dict:
     rec.update(result)
     if rec.get("status") == "ok":
         rec["floor_ratio"] = rec["fwd_bwd_ms"] / rec["floor_ms"] if rec.get("floor_ms") else None
-        # 8·n_valid·H·V: forward 2NHV + recomputation 2NHV + grad_h 2NHV + grad_W 2NHV.
-        rec["tflops"] = 8.0 * rec["n_valid"] * rec["H"] * rec["V"] / (rec["fwd_bwd_ms"] * 1e-3) / 1e12
+        rec["floor6_ratio"] = rec["fwd_bwd_ms"] / (3 * rec["gemm_ms"]) if rec.get("gemm_ms") else None
+        # 6·n_valid·H·V: forward 2NHV + grad_h 2NHV + grad_W 2NHV.
+        rec["tflops"] = 6.0 * rec["n_valid"] * rec["H"] * rec["V"] / (rec["fwd_bwd_ms"] * 1e-3) / 1e12
     if not case_info.get("accuracy", True) and rec.get("status") == "ok":
         rec["notes"] = "accuracy not measured on token-sweep points"
     rec.pop("accuracy", None)
@@ -527,9 +533,11 @@ def prepare_case(case: Case, opts: RunOptions) -> tuple[object, dict, dict]:
     batch = make_batch(case, opts.device, opts.dtype)
     n_valid = int((batch.target != IGNORE_INDEX).sum().item())
     logp, top1 = softmax_stats(batch.weight, batch.hidden, batch.target)
+    gemm_ms = time_gemm(batch, n_valid, opts.device)
     info = {
         "n_valid": n_valid,
-        "floor_ms": time_floor(batch, n_valid, opts.device),
+        "gemm_ms": gemm_ms,
+        "floor_ms": 4.0 * gemm_ms,
         "logp_mean": logp,
         "top1_mean": top1,
         "accuracy": case.accuracy,

@@ -53,6 +53,20 @@ class Provider:
     build: Callable[[BuildOptions], LossFn]
 
 
+def path_of(fn) -> str | None:
+    """The order of work a built loss function ran: alphapo's last path (read from its
+    module after a call), or the peer's fixed method."""
+    module = getattr(fn, "loss_module", None)
+    if module is not None:
+        return module.last_path
+    return getattr(fn, "method", None)
+
+
+def _with_method(fn, method: str):
+    fn.method = method
+    return fn
+
+
 # ---------------------------------------------------------------------------------------
 # reference: TRL's math on materialised logits
 # ---------------------------------------------------------------------------------------
@@ -92,7 +106,7 @@ def reference_loss(weight, hidden, target, alpha: float = ALPHA, beta: float = B
 
 
 def _build_reference(opts: BuildOptions) -> LossFn:
-    return reference_loss
+    return _with_method(lambda w, h, t: reference_loss(w, h, t), "materialised")
 
 
 def _raise_compile_limits():
@@ -106,7 +120,8 @@ def _raise_compile_limits():
 
 def _build_reference_compile(opts: BuildOptions) -> LossFn:
     _raise_compile_limits()
-    return torch.compile(reference_loss)
+    compiled = torch.compile(reference_loss)
+    return _with_method(lambda w, h, t: compiled(w, h, t), "materialised")
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +129,7 @@ def _build_reference_compile(opts: BuildOptions) -> LossFn:
 # ---------------------------------------------------------------------------------------
 
 
-def _build_alphapo(backend: str, alpha: float, opts: BuildOptions) -> LossFn:
+def _build_alphapo(backend: str, alpha: float, opts: BuildOptions, path: str = "auto") -> LossFn:
     from alphapo import AlphaPOLoss
 
     if backend == "triton":
@@ -125,11 +140,13 @@ def _build_alphapo(backend: str, alpha: float, opts: BuildOptions) -> LossFn:
             import alphapo.kernels.fused  # noqa: F401
         except Exception as exc:  # the kernels are optional: report why they do not import
             raise Unavailable(f"alphapo.kernels does not import: {type(exc).__name__}: {exc}") from exc
-    loss_fn = AlphaPOLoss(alpha=alpha, beta=BETA, gamma=GAMMA, backend=backend, scratch_bytes=opts.scratch_bytes)
+    loss_fn = AlphaPOLoss(alpha=alpha, beta=BETA, gamma=GAMMA, backend=backend, scratch_bytes=opts.scratch_bytes,
+                          path=path)
 
     def fn(weight, hidden, target):
         return loss_fn(weight, hidden, target)[0]
 
+    fn.loss_module = loss_fn
     return fn
 
 
@@ -153,7 +170,7 @@ def _build_liger(opts: BuildOptions) -> LossFn:
     def fn(weight, hidden, target):
         return loss_fn(weight, hidden, target)[0]
 
-    return fn
+    return _with_method(fn, "chunked (torch.compile)" if opts.compile else "chunked")
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +202,37 @@ def _build_cce(filter_eps, opts: BuildOptions) -> LossFn:
         loss = preference_loss(seq_sum, mask.sum(-1), cfg)[0]
         return loss.float()
 
-    return fn
+    return _with_method(fn, "recompute")
+
+
+# ---------------------------------------------------------------------------------------
+# TRL's fused LM head (DPOTrainer since 1.x): per-token log-probs without logits, then the epilogue
+# ---------------------------------------------------------------------------------------
+
+# DPOTrainer's vocabulary tile for the fused head (its tokens come TOKEN_CHUNK_SIZE at a time).
+TRL_VOCAB_CHUNK = 32768
+
+
+def _build_trl_fused(opts: BuildOptions) -> LossFn:
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except Exception as exc:
+        raise Unavailable(f"trl.kernels not importable ({type(exc).__name__}: {exc}); pip install 'trl>=1.0'") from exc
+    from alphapo.epilogue import AlphaPOConfig, preference_loss
+
+    cfg = AlphaPOConfig(alpha=ALPHA, beta=BETA, gamma=GAMMA)
+
+    def fn(weight, hidden, target):
+        # Valid tokens only, as DPOTrainer feeds the head its completion tokens.
+        valid = target != IGNORE_INDEX
+        flat = valid.reshape(-1).nonzero().squeeze(1)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+        y = target.reshape(-1).index_select(0, flat)
+        logps = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ())[0]
+        seq_sum = logps.new_zeros(valid.numel()).index_put((flat,), logps).view(valid.shape).sum(-1)
+        return preference_loss(seq_sum, valid.sum(-1), cfg)[0].float()
+
+    return _with_method(fn, "recompute")
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -199,10 +246,16 @@ PROVIDERS: dict[str, Provider] = {
                  functools.partial(_build_alphapo, "torch", ALPHA)),
         Provider("alphapo-torch-a0", 0.0, "the same at α = 0 (SimPO), beside Liger",
                  functools.partial(_build_alphapo, "torch", 0.0)),
+        Provider("alphapo-triton-recompute", ALPHA, "AlphaPOLoss(backend='triton', path='recompute'): 8·N·H·V, "
+                 "no logits kept (the lean mode)", functools.partial(_build_alphapo, "triton", ALPHA, path="recompute")),
+        Provider("alphapo-torch-recompute", ALPHA, "AlphaPOLoss(backend='torch', path='recompute')",
+                 functools.partial(_build_alphapo, "torch", ALPHA, path="recompute")),
         Provider("reference", ALPHA, "materialised logits, .float() log-softmax + gather (TRL's math)",
                  _build_reference),
         Provider("reference-compile", ALPHA, "the reference under torch.compile", _build_reference_compile),
         Provider("liger", 0.0, "LigerFusedLinearSimPOLoss (no α: runs at α = 0)", _build_liger),
+        Provider("trl-fused", ALPHA, "trl.kernels.ChunkedLogProbFunction (DPOTrainer's fused head) over the valid "
+                 "tokens + torch epilogue", _build_trl_fused),
         Provider("cce", ALPHA, "cut_cross_entropy.linear_cross_entropy(reduction='none') + torch epilogue, "
                  "default gradient filter", functools.partial(_build_cce, "default")),
         Provider("cce-exact", ALPHA, "the same with filter_eps=None (no gradient filtering)",
@@ -211,7 +264,7 @@ PROVIDERS: dict[str, Provider] = {
 }
 
 # Providers that a sweep point measures (the others add nothing to the memory curve).
-SWEEP_PROVIDERS = ("alphapo-triton", "alphapo-torch", "reference", "reference-compile", "liger", "cce")
+SWEEP_PROVIDERS = ("alphapo-triton", "alphapo-torch", "reference", "reference-compile", "liger", "cce", "trl-fused")
 
 
 def default_providers(device: torch.device) -> list[str]:

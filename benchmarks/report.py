@@ -103,9 +103,11 @@ def markdown(records: list[dict], title: str | None = None) -> str:
         + f"; commit `{r0.get('commit')}`, {r0.get('date')}",
         "- loss: AlphaPO α = 0.25, β = 2.5, γ = 1.375, length-averaged log-probs; rows marked α = 0 "
         "(Liger, which has no α, and our `-a0` rows) compute SimPO",
-        "- **floor** = 4 × one GEMM (valid tokens × H)·(H × V) in the same dtype on the same device: the "
-        "8·N·H·V limit of a method that stores no logits; **×floor** = fwd+bwd ÷ floor",
-        "- **TFLOP/s** = 8 · n_valid · H · V / (fwd+bwd time), whatever the provider computes",
+        "- **GEMM** = one GEMM (valid tokens × H)·(H × V) in the same dtype on the same device; **floor** "
+        "= 4 × GEMM, the 8·N·H·V limit of a method that stores no logits; **×3 GEMM** = fwd+bwd ÷ (3 × GEMM), "
+        "against the 6·N·H·V limit of the pair-chunked order",
+        "- **path**: alphapo's order of work (`pair-chunked` 6·N·H·V, `recompute` 8·N·H·V), or the peer's method",
+        "- **TFLOP/s** = 6 · n_valid · H · V / (fwd+bwd time), whatever the provider computes",
         "- **peak MB**: memory above the inputs and the parameter-dtype gradients during fwd+bwd ("
         + ("peak RSS, each provider in its own process" if cpu else "`torch.cuda.max_memory_allocated`")
         + "); **err**: ‖x − x_ref‖ / ‖x_ref‖ against an exact "
@@ -180,24 +182,24 @@ def _main_section(records, key):
         head += f" — stand-in for {s.standin_for}"
     out = [head, ""]
     out.append(
-        "| mask | logits | n_valid | provider | α | fwd ms | fwd+bwd ms [p20, p80] | ×floor | TFLOP/s | peak MB "
-        "| err loss | err grad_h | err grad_w |"
+        "| mask | logits | n_valid | provider | α | path | fwd ms | fwd+bwd ms [p20, p80] | ×3 GEMM | TFLOP/s "
+        "| peak MB | err loss | err grad_h | err grad_w |"
     )
-    out.append("|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("|---|---|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     skipped = defaultdict(list)
     for mask, logits in VARIANT_ORDER:
         var = [r for r in rows if r["mask"] == mask and r["logits"] == logits]
         if not var:
             continue
         n_valid = next((r["n_valid"] for r in var if r.get("n_valid") is not None), None)
-        floor = next((r["floor_ms"] for r in var if r.get("floor_ms") is not None), None)
+        gemm = next((r["gemm_ms"] for r in var if r.get("gemm_ms") is not None), None)
         extra = ""
         top1 = next((r.get("top1_mean") for r in var if r.get("top1_mean") is not None), None)
         logp = next((r.get("logp_mean") for r in var if r.get("logp_mean") is not None), None)
         if top1 is not None:
             extra = f" (logp {logp:.2f}, top-1 {top1:.2f})"
         nv = "–" if n_valid is None else str(n_valid)
-        out.append(f"| {mask} | {logits}{extra} | {nv} | *floor* | | | {_ms(floor)} | 1 | | | | | |")
+        out.append(f"| {mask} | {logits}{extra} | {nv} | *3 × GEMM* | | | | {_ms(None if gemm is None else 3 * gemm)} | 1 | | | | | |")
         for r in var:
             if r["status"] == "skipped":
                 skipped[r["reason"]].append(r["provider"])
@@ -205,11 +207,11 @@ def _main_section(records, key):
             a = r.get("alpha")
             alpha = "" if a is None else f"{a:g}"
             if r["status"] != "ok":
-                out.append(f"| {mask} | {logits} | {nv} | {r['provider']} | {alpha} | **{r['status']}** | {r['reason'][:80]} |||||||")
+                out.append(f"| {mask} | {logits} | {nv} | {r['provider']} | {alpha} | | **{r['status']}** | {r['reason'][:80]} |||||||")
                 continue
-            ratio = r.get("floor_ratio")
+            ratio = r.get("floor6_ratio")
             out.append(
-                f"| {mask} | {logits} | {nv} | {r['provider']} | {alpha} | {_ms(r['fwd_ms'])} | "
+                f"| {mask} | {logits} | {nv} | {r['provider']} | {alpha} | {r.get('path') or ''} | {_ms(r['fwd_ms'])} | "
                 f"{_ms(r['fwd_bwd_ms'])} [{_ms(r['fwd_bwd_p20_ms'])}, {_ms(r['fwd_bwd_p80_ms'])}] | "
                 f"{'–' if ratio is None else f'{ratio:.2f}'} | {r['tflops']:.3g} | {_mb(r['peak_mem_mb'])} | "
                 f"{_err(r.get('loss_rel_err'))} | {_err(r.get('grad_h_rel_err'))} | {_err(r.get('grad_w_rel_err'))} |"

@@ -265,16 +265,17 @@ def test_cpu_peak_rss_sees_what_a_call_allocates():
 
 
 def test_record_arithmetic():
-    """×floor and TFLOP/s come from the record's own numbers (8·n_valid·H·V per fwd+bwd)."""
+    """×floor, ×3 GEMM and TFLOP/s come from the record's own numbers (6·n_valid·H·V per fwd+bwd)."""
     opts = harness.RunOptions("quick", CPU, torch.float32, ["reference"], env={"device": "cpu"})
     case = Case("tiny", 2, 16)
     rec = harness.finish_record(
         harness.base_record(case, "reference", opts, 40),
         {"status": "ok", "fwd_bwd_ms": 2.0, "fwd_ms": 1.0},
-        {"n_valid": 40, "floor_ms": 0.5, "accuracy": True},
+        {"n_valid": 40, "gemm_ms": 0.125, "floor_ms": 0.5, "accuracy": True},
     )
     assert rec["floor_ratio"] == 4.0
-    assert rec["tflops"] == pytest.approx(8 * 40 * 32 * 512 / 2e-3 / 1e12)
+    assert rec["floor6_ratio"] == pytest.approx(2.0 / 0.375)
+    assert rec["tflops"] == pytest.approx(6 * 40 * 32 * 512 / 2e-3 / 1e12)
     assert set(harness.RECORD_FIELDS) <= set(rec)
 
 
@@ -286,22 +287,25 @@ def test_cli_writes_every_field(tmp_path):
     with reasons, and a table and plot made from those records."""
     cmd = [
         sys.executable, "-m", "benchmarks", "--preset", "smoke", "--out", str(tmp_path), "--name", "smoke",
-        "--providers", "alphapo-torch,reference,alphapo-triton,cce", "--no-progress", "--cpu-time-s", "0.05",
+        "--providers", "alphapo-torch,reference,alphapo-triton,cce,trl-fused", "--no-progress", "--cpu-time-s", "0.05",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     records = json.loads((tmp_path / "smoke.json").read_text())
     cases = preset_cases("smoke")
-    assert len(records) == sum(len(harness.providers_for(c, ["alphapo-torch", "reference", "alphapo-triton", "cce"])) for c in cases)
+    names = ["alphapo-torch", "reference", "alphapo-triton", "cce", "trl-fused"]
+    assert len(records) == sum(len(harness.providers_for(c, names)) for c in cases)
     for rec in records:
         missing = set(harness.RECORD_FIELDS) - set(rec)
         assert not missing, f"{rec['provider']}: missing {missing}"
         assert rec["commit"] and rec["torch"] == torch.__version__ and rec["device"].startswith("CPU")
-        if rec["provider"] in ("alphapo-torch", "reference"):
+        if rec["provider"] in ("alphapo-torch", "reference", "trl-fused"):
             assert rec["status"] == "ok", rec["reason"]
             assert 0 < rec["fwd_ms"] and rec["fwd_bwd_p20_ms"] <= rec["fwd_bwd_ms"] <= rec["fwd_bwd_p80_ms"]
-            assert rec["floor_ms"] > 0 and rec["tflops"] > 0 and rec["peak_mem_mb"] >= 0
+            assert rec["floor_ms"] == pytest.approx(4 * rec["gemm_ms"]) and rec["tflops"] > 0 and rec["peak_mem_mb"] >= 0
+            assert rec["path"] == {"alphapo-torch": "pair-chunked", "reference": "materialised",
+                                   "trl-fused": "recompute"}[rec["provider"]]
             if rec["group"] == "main":
                 assert rec["grad_h_rel_err"] < 1e-4 and rec["grad_w_rel_err"] < 1e-4 and rec["loss_rel_err"] < 1e-4
         elif not torch.cuda.is_available():
