@@ -1,7 +1,7 @@
 """``alphapo-train``: the command line's entry point (``python -m alphapo.training`` runs it too).
 
-Errors a user can fix (a knob, a file, a launch) end in one line naming what to change,
-with exit status 1; no traceback.
+Errors a user can fix (a knob, a file, a launch, a full disk) end in one line naming what
+to change, with exit status 1; no traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ def main(argv=None) -> int:
         cfg = parse_config(argv)
         train(cfg)
     except (ConfigError, CheckpointError, D.DataError, NonFiniteLossError, P.ParallelError) as e:
+        print(f"alphapo-train: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a path that cannot be written, a full disk: its message names the file
         print(f"alphapo-train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -134,7 +134,7 @@ def start(cfg: TrainConfig, log) -> Run:
         if changes:  # the restored optimizer and schedule hold the saved lr, betas, decay
             B.follow_config(cfg, optimizer, scheduler)
         run.changes = saved["changes"] + changes
-    run.metrics = R.MetricsLog.start(run_dir, par, resumed, run.step)
+    run.metrics = R.MetricsLog.start(run_dir, par, resumed, run.step, log)
     if checkpoint is not None:
         say_resumed(run, checkpoint, changes)
     n_params = sum(p.numel() for p in wrapper.parameters())

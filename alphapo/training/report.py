@@ -30,18 +30,28 @@ class MetricsLog:
         self.history: list[dict] = history or []
 
     @classmethod
-    def start(cls, run_dir: Path, par: P.Parallel, resumed: Path | None = None, step: int = 0) -> "MetricsLog":
+    def start(cls, run_dir: Path, par: P.Parallel, resumed: Path | None = None, step: int = 0,
+              log=print) -> "MetricsLog":
         """A fresh file, or, resuming, the records up to ``step`` of the resumed run's.
 
         A crashed run may have logged past its last checkpoint: those records are dropped,
         and the resumed run logs them again. So are knob changes made at ``step`` by an
-        earlier resume from the same checkpoint (this resume records its own).
+        earlier resume from the same checkpoint (this resume records its own), and a line
+        that is not a record (a write cut short by the crash), with a warning.
         """
         path = run_dir / "metrics.jsonl"
         history = []
         if resumed is not None and (resumed / "metrics.jsonl").is_file():
-            history = [r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
-                       if r["step"] < step or (r["step"] == step and "config_change" not in r)]
+            source = resumed / "metrics.jsonl"
+            for line_no, line in enumerate(source.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                    keep = record["step"] < step or (record["step"] == step and "config_change" not in record)
+                except (ValueError, TypeError, KeyError):
+                    log(f"warning: {source}: line {line_no} is not a JSON record (a write cut short?); dropped")
+                    continue
+                if keep:
+                    history.append(record)
         P.barrier(par)  # every rank has read the records before rank 0 rewrites them
         if par.is_main:
             path.write_text("".join(json.dumps(r) + "\n" for r in history))

@@ -286,3 +286,22 @@ def test_resume_runs_remote_code_only_when_this_invocation_allows_it(tmp_path, f
     monkeypatch.setattr(build, "load_causal_lm", lambda *a: seen.append(a[3]) or real(*a))
     assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
     assert seen == [False]
+
+
+def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, capsys, finished_run):
+    """A crash mid-append leaves a cut line in metrics.jsonl; resuming must not trip over it."""
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    n = len((run / "metrics.jsonl").read_text().splitlines())
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    assert f"metrics.jsonl: line {n + 1} is not a JSON record (a write cut short?); dropped" in capsys.readouterr().out
+    assert [r["step"] for r in records_of(run)][-1] == 5
+
+
+def test_a_filesystem_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert cli.main(["--out-dir", str(tmp_path / "file" / "run"), *flags(TINY)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("alphapo-train: error: ") and str(tmp_path / "file") in err and "Traceback" not in err
