@@ -178,17 +178,16 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, par
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config, "changes": changes},
                                                        indent=1))
     write_checksums(tmp)  # last: a checkpoint with checksums is a complete one
+    old = ckpt_root / f".old-{final.name}-{os.getpid()}"
     if final.exists():  # the same step saved again (a resumed run): move the old one aside first
-        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
-        shutil.rmtree(old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     _replace_file(run_dir / "latest", f"checkpoints/{final.name}\n")
     # Rotation deletes only checkpoints older than this one, never the one `latest` names;
     # newer ones (from before a resume at an earlier checkpoint) are replaced as the run
     # reaches their step.
-    older = sorted((_step_of(p), p) for p in ckpt_root.iterdir() if (_step_of(p) or step) < step)
-    for _, old in older[: max(0, len(older) - (keep_last - 1))]:
+    for old in _checkpoints(run_dir, below=step)[keep_last - 1 :]:  # newest first
         shutil.rmtree(old)
     P.barrier(par)
     return final
@@ -224,7 +223,7 @@ def find_checkpoint(path) -> tuple[Path, list[str]]:
     notes = []
     latest = _read_latest(path)
     if latest is not None and not latest.is_dir():
-        notes.append(f"latest names {latest.relative_to(path)}, which does not exist")
+        notes.append(f"latest names {os.path.relpath(latest, path)}, which does not exist")
     below = _step_of(latest) if latest is not None and latest.is_dir() else None
     candidates = ([latest] if below is not None else []) + _checkpoints(path, below=below)
     for ckpt in candidates:
@@ -234,7 +233,7 @@ def find_checkpoint(path) -> tuple[Path, list[str]]:
             notes.append(str(e))
             continue
         if notes:
-            notes.append(f"resuming from {ckpt.relative_to(path)}, the newest intact checkpoint")
+            notes.append(f"resuming from {os.path.relpath(ckpt, path)}, the newest intact checkpoint")
         return ckpt, notes
     found = "; ".join(notes) or "no checkpoint was written"
     raise CheckpointError(f"--resume {path}: no intact checkpoint to resume from ({found})")

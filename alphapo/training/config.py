@@ -203,12 +203,16 @@ def _check_together(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length "
                           f"({cfg.max_length}), leaving room for a completion")
     try:
-        torch.device(cfg.device if cfg.device != "auto" else "cpu")
+        device_type = torch.device(cfg.device if cfg.device != "auto" else "cpu").type
     except RuntimeError:
-        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+        device_type = None
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device (--device) must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     for name, kind in (("model", "directory"), ("tokenizer", "directory"), ("train_file", "file"),
                        ("eval_file", "file")):
         path = getattr(cfg, name)
+        if cfg.resume and name in ("model", "tokenizer"):
+            continue  # a resumed run loads both from its checkpoint
         if path and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
             raise ConfigError(f"{name} (--{name.replace('_', '-')}) {path}: no such {kind}"
                               + (" (a local Hugging Face model; nothing is downloaded)" if name == "model" else ""))

@@ -4,8 +4,10 @@ One optimizer step, with the loss inside the model's forward
 (:class:`alphapo.training.modeling.AlphaPOModel` hands the final hidden states and the
 ``lm_head`` weight to the fused loss: no logits are built)::
 
-    for micro in range(grad_accum):             # micro-batch k = step * grad_accum + micro
-        loss, aux = wrapper(**batch)            # (2B, T) ids, mask, labels -> loss, metrics
+    batches = micro-batches step * grad_accum ... + grad_accum - 1   # each a pure function of its index
+    n = chosen tokens of all of them, all ranks / (grad_accum * R)      # the NLL term's normaliser
+    for batch in batches:
+        loss, aux = wrapper(**batch, nll_num_tokens=n)                  # (2B, T) ids, mask, labels
         (loss / grad_accum).backward()          # DDP averages the ranks' gradients on the last
     clip the gradient norm; skip the update if the loss or the norm is not finite
     optimizer.step(); scheduler.step()

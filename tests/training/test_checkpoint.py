@@ -305,3 +305,14 @@ def test_a_filesystem_error_is_one_line(tmp_path, capsys):
     assert cli.main(["--out-dir", str(tmp_path / "file" / "run"), *flags(TINY)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("alphapo-train: error: ") and str(tmp_path / "file") in err and "Traceback" not in err
+
+
+def test_a_run_resumes_after_its_model_directory_is_gone(tmp_path):
+    """The weights and tokenizer come from the checkpoint: --model's directory is not needed again."""
+    tok = build_char_tokenizer()
+    lm = modeling.tiny_llama(len(tok), tok, n_layer=1, n_embd=32, n_head=2)
+    lm.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    assert cli.main(["--model", str(tmp_path / "model"), "--out-dir", str(tmp_path / "R"), *flags(TINY)]) == 0
+    shutil.rmtree(tmp_path / "model")
+    assert cli.main(["--resume", str(tmp_path / "R"), "--max-steps", "5", "--no-progress"]) == 0

@@ -49,7 +49,7 @@ def test_config_file_then_flags(tmp_path):
     pytest.param(["--max-prompt-length", "1024"], "max_prompt_length (1024) must be smaller than max_length "
                  "(1024)", id="prompt-fills"),
     pytest.param(["--batch-size", "30000"], "batch_size (30000) exceeds the built-in task's", id="batch-size"),
-    pytest.param(["--device", "gpu"], "device (--device) must be auto, cpu, cuda or cuda:N", id="device"),
+    pytest.param(["--device", "gpu"], "device (--device) must be auto, cpu, cuda, cuda:N or mps", id="device"),
     pytest.param(["--model", "/no/such/model"], "model (--model) /no/such/model: no such directory", id="model"),
     pytest.param(["--train-file", "/no/such.jsonl"], "train_file (--train-file) /no/such.jsonl: no such file",
                  id="train-file"),
