@@ -72,18 +72,24 @@ def read_preference_file(path) -> tuple[list[dict], list[str]]:
     where = None
     if suffix == ".jsonl":
         records, where = [], []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
-                where.append(f"line {line_no}")
+        # "utf-8-sig": a byte-order mark, which some editors write, is not part of the JSON.
+        for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {line_no} is not UTF-8 text (byte {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
+            where.append(f"line {line_no}")
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         records = _columns_to_records(data, path) if isinstance(data, dict) else data
@@ -92,7 +98,10 @@ def read_preference_file(path) -> tuple[list[dict], list[str]]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: name the file
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     else:
         raise DataError(f"{path}: unknown extension {suffix!r}; use .jsonl, .json or .parquet")
     where = where if where is not None else numbered(len(records))

@@ -289,3 +289,18 @@ def test_roles_are_checked(tmp_path, record, message):
 def test_known_roles_pass():
     D.check_records([chat(("system", "user", "assistant", "user")), chat(completion_roles=("assistant", "tool",
                                                                                          "assistant"))])
+
+
+def test_unreadable_files_are_data_errors_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(D.DataError, match=r"latin1.jsonl: line 1 is not UTF-8 text"):
+        D.load_preference_file(path)
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"junk")
+    with pytest.raises(D.DataError, match=r"junk.parquet: not a readable Parquet file"):
+        D.load_preference_file(path)
+    # A byte-order mark, as some editors write one, is not an error.
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS[0]).encode() + b"\n")
+    assert D.load_preference_file(path) == RECORDS[:1]
