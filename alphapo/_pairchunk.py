@@ -36,9 +36,9 @@ from typing import NamedTuple
 import torch
 
 from ._autograd import VocabShard, _combine_shards
-from ._tokens import TokenPlan, accumulation_dtype
+from ._tokens import TokenPlan, accumulation_dtype, metric_values
 from .chunked import chunk_gradients_
-from .epilogue import AlphaPOConfig, pair_chunk_grad, preference_loss
+from .epilogue import AlphaPOConfig, SequenceSums, pair_chunk_grad, preference_loss
 
 PATHS = ("auto", "pair-chunked", "recompute")
 
@@ -103,7 +103,10 @@ def _forward(hidden, weight, bias, job: PairJob, needs):
     nll_tokens = job.nll_tokens if job.nll_tokens is not None else float(sum(plan.n_host[:B]))
     one_chunk = len(job.chunks) == 1
 
-    seq_sum = torch.zeros(2 * B, dtype=acc, device=device)
+    want_wpo = job.cfg.use_weighting
+    K = 1 if plan.weights is None else plan.weights.shape[1]
+    seq = torch.zeros(2 * B, K, dtype=acc, device=device)
+    metrics = torch.zeros(2 * B, 3 if want_wpo else 2, dtype=acc, device=device)
     grad_h = torch.zeros(h2d.shape, dtype=hidden.dtype, device=device) if need_h else None
     grad_w = None
     if need_w and not one_chunk:
@@ -119,29 +122,34 @@ def _forward(hidden, weight, bias, job: PairJob, needs):
         n_c = idx.numel()
         h = h2d.index_select(0, idx)
 
-        z, lse, tgt, state = backend.chunk_logits(h, weight, bias, y, acc)
+        z, stats, state = backend.chunk_logits(h, weight, bias, y, acc, want_wpo)
         if job.shard is not None:
-            lse, tgt = _combine_shards(lse, tgt, job.shard.group)
+            stats = _combine_shards(stats, job.shard.group)
 
-        # The chunk's 2b sequence sums, deterministically (each position written once).
+        # The chunk's 2b sequences' sums, deterministically (each position written once).
         local_seq = torch.repeat_interleave(
             torch.arange(2 * b, device=device), torch.tensor(counts, device=device), output_size=n_c
         )
-        dense = torch.zeros(2 * b * T, dtype=acc, device=device)
-        dense[local_seq * T + idx % T] = tgt - lse
-        s_chunk = dense.view(2 * b, T).sum(1)
-        seq_sum[j0:j1] = s_chunk[:b]
-        seq_sum[B + j0 : B + j1] = s_chunk[b:]
+        logp = stats.logp()
+        weights = None if plan.weights is None else torch.cat([plan.weights[ca], plan.weights[cb]]).to(acc)
+        values = logp[:, None] if weights is None else logp[:, None] * weights
+        s_chunk = _chunk_sum(values, local_seq, idx % T, 2 * b, T)
+        m_chunk = _chunk_sum(metric_values(stats, want_wpo), local_seq, idx % T, 2 * b, T)
+        for out, part in ((seq, s_chunk), (metrics, m_chunk)):
+            out[j0:j1], out[B + j0 : B + j1] = part[:b], part[b:]
 
         if not any(needs):
             continue
         ref_w = job.ref_chosen[j0:j1] if job.ref_chosen is not None else None
         ref_l = job.ref_rejected[j0:j1] if job.ref_rejected is not None else None
         n_chunk = torch.cat([plan.n_tokens[j0:j1], plan.n_tokens[B + j0 : B + j1]])
-        dS = pair_chunk_grad(s_chunk, n_chunk, job.cfg, ref_w, ref_l, B, nll_tokens)
+        sums = SequenceSums.from_columns(s_chunk, m_chunk, n_chunk, want_wpo)
+        dS, dRaw = pair_chunk_grad(sums, job.cfg, ref_w, ref_l, B, nll_tokens)
         coef = dS.to(acc)[local_seq]
+        if weights is not None:  # S (weighted) and S_raw both read this token
+            coef = coef * weights[:, 1] + dRaw.to(acc)[local_seq]
 
-        db = backend.logits_to_dz_(z, lse, coef, y, need_b, state)  # z is dz from here on
+        db = backend.logits_to_dz_(z, stats.lse, coef, y, need_b, state)  # z is dz from here on
         grad_w = chunk_gradients_(z, h if need_w else None, weight, idx, db, grad_h, grad_w, grad_b, one_chunk)
         del z, h
 
@@ -156,12 +164,22 @@ def _forward(hidden, weight, bias, job: PairJob, needs):
         grad_w = grad_w.to(weight.dtype)
     if need_b:
         grad_b = grad_b.to(bias.dtype)
-    return seq_sum, grad_h, grad_w, grad_b
+    return seq, metrics, grad_h, grad_w, grad_b
+
+
+def _chunk_sum(values, local_seq, position, rows, T):
+    """(n, K) token values of a chunk into its ``rows`` sequences, (rows, K): a dense
+    (rows · T, K) buffer in which each token has its own place, summed over T — the same
+    order as :func:`alphapo._tokens.sequence_sum`, so both paths give identical sums."""
+    dense = values.new_zeros((rows * T, values.shape[1]))
+    dense[local_seq * T + position] = values
+    return dense.view(rows, T, values.shape[1]).sum(1)
 
 
 class PairChunkedLoss(torch.autograd.Function):
-    """``(hidden, weight, bias) -> (loss, S)``: the whole loss, its gradients formed in the
-    forward. ``S`` (2B,), the summed log-probs per sequence, is not differentiable."""
+    """``(hidden, weight, bias) -> (loss, S, M)``: the whole loss, its gradients formed in
+    the forward. ``S`` (2B, K), the summed log-probs per sequence (raw, and LD-DPO-weighted
+    beside it), and ``M``, the metric sums, are not differentiable."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, job: PairJob):
@@ -169,17 +187,18 @@ class PairChunkedLoss(torch.autograd.Function):
         if job.shard is not None and any(needs):
             needs = (True, needs[1], needs[2])  # every rank joins the grad_h all-reduce
         with torch.no_grad():
-            seq_sum, grad_h, grad_w, grad_b = _forward(hidden, weight, bias, job, needs)
+            seq, metrics, grad_h, grad_w, grad_b = _forward(hidden, weight, bias, job, needs)
+            sums = SequenceSums.from_columns(seq, metrics, job.plan.n_tokens, job.cfg.use_weighting)
             loss = preference_loss(
-                seq_sum, job.plan.n_tokens, job.cfg, job.ref_chosen, job.ref_rejected, nll_tokens=job.nll_tokens
-            )[0].to(seq_sum.dtype)
+                sums, None, job.cfg, job.ref_chosen, job.ref_rejected, nll_tokens=job.nll_tokens
+            ).loss.to(seq.dtype)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(seq_sum)
-        return loss, seq_sum
+        ctx.mark_non_differentiable(seq, metrics)
+        return loss, seq, metrics
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_seq):
+    def backward(ctx, grad_loss, _grad_seq, _grad_metrics):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "alphapo: double backward (create_graph=True) is not supported: the pair-chunked path forms "

@@ -23,6 +23,7 @@ class TokenPlan(NamedTuple):
     n_host: list  # the same counts on the host
     rows: int  # 2B
     T: int
+    weights: torch.Tensor | None = None  # (N, 2): [1, LD-DPO weight] per token with ld_alpha, else None
 
     def offsets(self) -> list[int]:
         """Host-side start of each row's tokens in ``flat_idx`` (2B + 1 entries)."""
@@ -53,11 +54,57 @@ def plan_tokens(target: torch.Tensor, ignore_index: int, n_tokens: torch.Tensor,
     )
 
 
+def with_ld_weights(plan: TokenPlan, ld_alpha: float | None) -> TokenPlan:
+    """LD-DPO's token weights: the first ``min(n_w, n_l)`` valid tokens of each answer of a
+    pair count 1, the rest (the longer answer's tail) ``ld_alpha``. Column 0 stays 1, so
+    one weighted sum gives both the raw and the LD-DPO log-prob of each sequence."""
+    if ld_alpha is None:
+        return plan
+    B = plan.rows // 2
+    n = plan.n_tokens
+    shared = torch.minimum(n[:B], n[B:]).repeat(2)  # (2B,) per row: its pair's shorter length
+    starts = torch.cumsum(n, 0) - n  # first token of each row in flat_idx
+    position = torch.arange(plan.flat_idx.numel(), device=n.device) - starts[plan.seq_id]
+    ld = torch.where(position < shared[plan.seq_id], 1.0, float(ld_alpha))
+    return plan._replace(weights=torch.stack([torch.ones_like(ld), ld], dim=1))
+
+
 def sequence_sum(token_values: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
-    """Sum per-token values into their sequences, deterministically: (N,) -> (2B,)."""
-    dense = token_values.new_zeros(plan.rows * plan.T)
+    """Sum per-token values into their sequences, deterministically: (N, ...) -> (2B, ...)."""
+    dense = token_values.new_zeros((plan.rows * plan.T, *token_values.shape[1:]))
     dense[plan.flat_idx] = token_values
-    return dense.view(plan.rows, plan.T).sum(1)
+    return dense.view(plan.rows, plan.T, *token_values.shape[1:]).sum(1)
+
+
+class TokenStats(NamedTuple):
+    """What the forward learns about each valid token's softmax, all (N,) float32/64.
+
+    ``lse = log Σ_v e^{z_v}``, ``tgt = z[y]`` (0 where y = -1: another rank's target),
+    ``zbar = Σ_v p_v z_v`` (entropy = lse - zbar), ``zmax = max_v z_v``, ``hit`` = 1 where
+    ``y`` is the (first) argmax, ``lsq = log Σ_v p_v²`` (WPO; None unless asked for).
+    """
+
+    lse: torch.Tensor
+    tgt: torch.Tensor
+    zbar: torch.Tensor
+    zmax: torch.Tensor
+    hit: torch.Tensor
+    lsq: torch.Tensor | None = None
+
+    def logp(self) -> torch.Tensor:
+        return self.tgt - self.lse
+
+    def entropy(self) -> torch.Tensor:
+        return self.lse - self.zbar
+
+
+def metric_values(stats: TokenStats, want_wpo: bool) -> torch.Tensor:
+    """Per-token values whose sequence sums the metrics and WPO need, (N, 2 or 3):
+    entropy, top-1 hit, and with ``want_wpo`` log p(y) - log Σ_v p_v²."""
+    cols = [stats.entropy(), stats.hit.to(stats.lse.dtype)]
+    if want_wpo:
+        cols.append(stats.logp() - stats.lsq)
+    return torch.stack(cols, dim=1)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

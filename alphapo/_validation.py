@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -114,8 +115,15 @@ def _valid_hidden_sum(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return total
 
 
+def _implausible_average(vocab_size: int) -> float:
+    """An averaged log-prob below this is not one (it is a summed one): a model that gives
+    its targets e^{-(2 log V + 20)} on average is far worse than uniform (e^{-log V})."""
+    return -(2.0 * math.log(vocab_size) + 20.0)
+
+
+@torch.no_grad()  # the sums are metrics and checks: no graph (and no grad_fn on the logits/* metric)
 def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int, refs=(), check_finite=True,
-                group=None) -> Scan:
+                group=None, averaged: bool | None = None) -> Scan:
     """Check target values (and, with ``check_finite``, that every input the loss reads is
     finite) in one host sync: a single small copy, which also brings the per-row token
     counts to the host. Under vocabulary parallelism (``group``) the flags are all-reduced,
@@ -124,7 +132,9 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
     Non-finite values are found in sums the metrics need anyway (``Σ_v W_v``, ``Σ_v b_v``,
     the valid rows' ``Σ_t h_t``, the reference log-probs): a NaN or ±inf anywhere in them
     makes its sum non-finite, so the check costs no extra pass. Ignored positions of
-    ``hidden`` are not read.
+    ``hidden`` are not read. The reference log-probs must be log-probs (<= 0) and, when
+    ``averaged``, plausible as averages (above :func:`_implausible_average`): a summed
+    reference passed to a length-averaged loss is refused rather than trained on.
     """
     valid = target != ignore_index
     out_of_range = valid & ((target < 0) | (target >= vocab_size))
@@ -141,6 +151,13 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
             if value is not None:
                 finite_names.append(name)
                 flags.append(~torch.isfinite(value).all())
+    ref_names = []
+    if check_finite:
+        floor = _implausible_average(vocab_size) if averaged else -math.inf
+        for name, ref in refs:
+            if ref is not None:
+                ref_names.append(name)
+                flags.append(((ref > 1e-4) | (ref < floor)).any())
     flags = torch.stack(flags).long()
     if group is not None:
         import torch.distributed as dist
@@ -161,7 +178,9 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
             "their log-prob is undefined (TRL and Liger return NaN here); drop those pairs or "
             "unmask at least one completion token"
         )
-    bad = [name for name, flag in zip(finite_names, flags[2:]) if flag]
+    n_finite = len(finite_names)
+    bad = [name for name, flag in zip(finite_names, flags[2 : 2 + n_finite]) if flag]
+    implausible = [name for name, flag in zip(ref_names, flags[2 + n_finite :]) if flag]
     if bad:
         where = {"hidden": " at a valid (non-ignored) position"}
         raise ValueError(
@@ -169,4 +188,16 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
             + ": the loss would be NaN. Check the model's forward (or the reference log-probs); "
             "pass check_finite=False to skip this check if you test for it elsewhere"
         )
+    if implausible:
+        values = [r for name, r in refs if name in implausible]
+        lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+        if hi > 1e-4:
+            why = f"a log-prob is <= 0, but the largest value is {hi:.4g}"
+        else:
+            why = (f"average_log_prob=True wants length-averaged log-probs, and {lo:.4g} is below any plausible "
+                   f"average ({_implausible_average(vocab_size):.3g} for V = {vocab_size}): these look summed; "
+                   "average them (or pass average_log_prob=False, or ref_hidden/ref_weight to let the loss "
+                   "compute them the policy's way)")
+        raise ValueError(f"{', '.join(implausible)}: not reference log-probs of this loss ({why}); "
+                         "check_finite=False skips this check")
     return Scan(n_tokens, n_host, w_sum, h_sum, b_sum)

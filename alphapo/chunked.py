@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from ._tokens import TokenStats
+
 # Budget of one chunk of logits. Measured on the 2-core CPU (one thread, H = 512,
 # V = 16,384): the three GEMMs reach their full rate from about 256 rows (fp32 70-95,
 # bf16 180-210 GFLOP/s; 64 rows lose 20-40%), i.e. 16 MiB of fp32 logits there, and a
@@ -64,45 +66,55 @@ def _logits(h, weight, bias):
     return z
 
 
-def _stats(z, y, acc_dtype):
-    """Per row of z: ``lse = logsumexp`` and ``tgt = z[y]`` (0 where y = -1), in acc_dtype."""
+def _reduce_(zf, y, want_sq: bool):
+    """One float32/64 block of logits reduced to its softmax statistics; ``zf`` is used up.
+
+    Returns ``e = exp(z - m)`` (a new block) and per row: ``m`` (the max), ``l = Σ e``,
+    ``zbar = Σ p z``, ``hit`` (y is the first argmax) and ``lsq = log Σ p²`` or None.
+    """
+    m, arg = zf.max(dim=-1)  # the first maximal index, as argmax
+    zf.sub_(m[:, None])  # z - m in place
+    e = zf.exp()
+    l = e.sum(-1)
+    zbar = m + (e * zf).sum(-1) / l
+    lsq = torch.log((e * e).sum(-1)) - 2.0 * torch.log(l) if want_sq else None
+    return e, m, l, zbar, ((arg == y) & (y >= 0)), lsq
+
+
+def _stats(z, y, acc_dtype, want_sq: bool, keep_e: bool):
+    """Per row of z: :class:`~alphapo._tokens.TokenStats`, block by block; with ``keep_e``
+    each block of ``z`` is overwritten by ``exp(z - m)`` (the pair-chunked path keeps it)."""
     n = z.shape[0]
-    lse = torch.empty(n, dtype=acc_dtype, device=z.device)
-    for sl in _blocks(n, z.shape[1]):
-        lse[sl] = torch.logsumexp(z[sl].to(acc_dtype), dim=-1)
-    return lse, _target_logits(z, y, acc_dtype)
-
-
-def _target_logits(z, y, acc_dtype):
     tgt = z.gather(1, y.clamp(min=0)[:, None]).squeeze(1).to(acc_dtype)
-    return torch.where(y >= 0, tgt, 0.0)
+    tgt = torch.where(y >= 0, tgt, 0.0)
+    out = {k: torch.empty(n, dtype=acc_dtype, device=z.device) for k in ("lse", "zbar", "zmax", "hit")}
+    out["lsq"] = torch.empty(n, dtype=acc_dtype, device=z.device) if want_sq else None
+    for sl in _blocks(n, z.shape[1]):
+        block = z[sl]
+        zf = block.to(acc_dtype, copy=True)  # a copy: _reduce_ uses it up
+        e, m, l, zbar, hit, lsq = _reduce_(zf, y[sl], want_sq)
+        out["lse"][sl], out["zbar"][sl], out["zmax"][sl], out["hit"][sl] = m + torch.log(l), zbar, m, hit
+        if want_sq:
+            out["lsq"][sl] = lsq
+        if keep_e:
+            block.copy_(e)
+    return TokenStats(out["lse"], tgt, out["zbar"], out["zmax"], out["hit"], out["lsq"])
 
 
 # ----------------------------------------------------------------------------- pair-chunked
 
 
-def chunk_logits(h, weight, bias, y, acc_dtype):
-    """The chunk's logits, reduced and kept: ``(e, lse, tgt, m)``.
+def chunk_logits(h, weight, bias, y, acc_dtype, want_sq: bool = False):
+    """The chunk's logits, reduced and kept: ``(e, stats, m)``.
 
     ``e = exp(z - m)`` (n, V), with ``m`` the row max, overwrites ``z = h W^T + b`` in the
-    input dtype: the one exponential of the chunk. ``lse = m + log Σ e`` now, and
-    ``softmax = e · exp(m - lse)`` in :func:`logits_to_dz_` later — with the lse of the
-    whole vocabulary there, under vocabulary parallelism. ``tgt = z[y]`` is read first.
+    input dtype: the one exponential of the chunk. ``stats`` (:class:`TokenStats`) holds
+    ``lse = m + log Σ e``; ``softmax = e · exp(m - lse)`` in :func:`logits_to_dz_` later
+    — with the lse of the whole vocabulary there, under vocabulary parallelism.
     """
     z = _logits(h, weight, bias)
-    tgt = _target_logits(z, y, acc_dtype)
-    n = z.shape[0]
-    lse = torch.empty(n, dtype=acc_dtype, device=z.device)
-    m = torch.empty(n, dtype=acc_dtype, device=z.device)
-    for sl in _blocks(n, z.shape[1]):
-        block = z[sl]
-        e = block.to(acc_dtype)  # the block itself for float32 (float64) inputs: in place
-        m[sl] = e.amax(dim=-1)
-        e.sub_(m[sl, None]).exp_()
-        lse[sl] = m[sl] + torch.log(e.sum(-1))
-        if e is not block:
-            block.copy_(e)
-    return z, lse, tgt, m
+    stats = _stats(z, y, acc_dtype, want_sq, keep_e=True)
+    return z, stats, stats.zmax
 
 
 def logits_to_dz_(e, lse, coef, y, need_b: bool, m=None):
@@ -180,18 +192,21 @@ def _recomputed_to_dz_(z, lse, coef, y, need_b: bool):
                    lambda block, sl: block.sub_(lse[sl, None]).exp_().mul_(-c[sl, None]))
 
 
-def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype):
-    """Per valid token: ``lse = logsumexp(z)`` and ``tgt = z[target]`` (0 for target -1)."""
+def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype, want_sq: bool = False):
+    """Per valid token: :class:`~alphapo._tokens.TokenStats` (``lse``, ``tgt = z[target]``,
+    0 for target -1, and the metrics' statistics)."""
     N = flat_idx.numel()
     step = _chunk_rows(weight.shape[0], scratch_bytes, weight.element_size())
-    lse = torch.empty(N, dtype=acc_dtype, device=h2d.device)
-    tgt = torch.empty(N, dtype=acc_dtype, device=h2d.device)
+    parts = []
     for start in range(0, N, step):
         sl = slice(start, start + step)
         z = _logits(h2d[flat_idx[sl]], weight, bias)
-        lse[sl], tgt[sl] = _stats(z, target[sl], acc_dtype)
+        parts.append(_stats(z, target[sl], acc_dtype, want_sq, keep_e=False))
         del z
-    return lse, tgt
+    if not parts:
+        empty = torch.empty(0, dtype=acc_dtype, device=h2d.device)
+        return TokenStats(empty, empty, empty, empty, empty, empty if want_sq else None)
+    return TokenStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
 
 
 def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes, needs):

@@ -38,9 +38,9 @@ from torch import nn
 from . import chunked
 from ._autograd import FusedSequenceLogProbs, VocabShard, vocab_layout
 from ._pairchunk import PATHS, PairChunkedLoss, PairJob, budget_tokens, chunk_pairs
-from ._tokens import accumulation_dtype, plan_tokens
+from ._tokens import accumulation_dtype, plan_tokens, sequence_sum, with_ld_weights
 from ._validation import check_inputs, scan_inputs
-from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
+from .epilogue import AlphaPOConfig, AlphaPOOutput, SequenceSums, make_output, preference_loss
 from .reference import alphapo_loss_reference, sequence_logprobs_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -146,12 +146,13 @@ def _backend_module(backend):
     return fused
 
 
-def _recompute_sums(weight, hidden, bias, plan, module, scratch_bytes, shard=None, filter_eps=None):
-    """Summed log-probs per sequence (2B,), differentiable, through the recompute path."""
+def _recompute_sums(weight, hidden, bias, plan, module, scratch_bytes, shard=None, filter_eps=None, want_wpo=False):
+    """Per sequence, through the recompute path: the summed log-probs (2B, K), differentiable,
+    and the metric sums (2B, 2 or 3)."""
     if filter_eps is not None and module is chunked:
         raise ValueError('filter_eps (gradient filtering) needs backend="triton", got backend="torch"')
     budget = module.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-    return FusedSequenceLogProbs.apply(hidden, weight, bias, plan, module, budget, shard, filter_eps)
+    return FusedSequenceLogProbs.apply(hidden, weight, bias, plan, module, budget, shard, filter_eps, want_wpo)
 
 
 def _logit_sums(scan, group=None):
@@ -169,9 +170,9 @@ def _logit_sums(scan, group=None):
     return sums
 
 
-def _scan(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group):
+def _scan(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group, averaged=None):
     refs = (("ref_chosen_logps", refs[0]), ("ref_rejected_logps", refs[1]))
-    return scan_inputs(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group)
+    return scan_inputs(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group, averaged)
 
 
 def sequence_logprobs(
@@ -208,7 +209,8 @@ def sequence_logprobs(
     vocab_size, shard = _vocab_shard(weight.shape[0], process_group, hidden.device)
     scan = _scan(weight, hidden, target, bias, vocab_size, ignore_index, (None, None), check_finite, process_group)
     plan = plan_tokens(target, ignore_index, scan.n_tokens, scan.n_host)
-    summed = _recompute_sums(weight, hidden, bias, plan, _backend_module(backend), scratch_bytes, shard, filter_eps)
+    summed = _recompute_sums(weight, hidden, bias, plan, _backend_module(backend), scratch_bytes, shard, filter_eps)[0]
+    summed = summed[:, 0]
     return summed / scan.n_tokens.to(summed.dtype) if average else summed
 
 
@@ -222,25 +224,35 @@ def alphapo_loss(
     *,
     alpha: float = 0.25,
     beta: float = 2.5,
-    gamma: float = 1.375,
+    gamma: float | None = None,
     label_smoothing: float = 0.0,
-    loss_type: str = "sigmoid",
+    loss_type="sigmoid",
     average_log_prob: bool = True,
     nll_weight: float = 0.0,
     ignore_index: int = -100,
+    loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
     backend: str = "auto",
     scratch_bytes: int | None = None,
     process_group=None,
     filter_eps: float | None = None,
     path: str = "auto",
-    nll_num_tokens=None,
     check_finite: bool = True,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    nll_num_tokens=None,
 ) -> tuple[torch.Tensor, AlphaPOOutput]:
     """The AlphaPO loss from last hidden states and the lm-head; see :class:`AlphaPOLoss`."""
-    cfg = AlphaPOConfig(alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index)
+    cfg = AlphaPOConfig(alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index,
+                        loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting, ld_alpha)
     opts = _Options(backend, scratch_bytes, process_group, filter_eps, path, check_finite)
-    return _alphapo_loss(lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, cfg, opts,
-                         nll_num_tokens)
+    return _alphapo_loss(lin_weight, hidden, target, bias, (ref_chosen_logps, ref_rejected_logps), cfg, opts,
+                         nll_num_tokens, (ref_hidden, ref_weight, ref_bias))
 
 
 def _vocab_shard(vocab_size, group, device):
@@ -299,36 +311,82 @@ def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module):
     return "pair-chunked", chunks
 
 
-def _alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, cfg: AlphaPOConfig, opts: _Options, nll_num_tokens=None,
-                  owner=None):
+def _alphapo_loss(weight, hidden, target, bias, refs, cfg: AlphaPOConfig, opts: _Options, nll_num_tokens=None,
+                  ref_model=(None, None, None), owner=None):
     _check_path(opts.path)
     nll_tokens = _check_nll_tokens(nll_num_tokens)
     weight, hidden, bias = _prepare(weight, hidden, bias, opts.scratch_bytes, opts.filter_eps)
+    ref_w, ref_l = refs
     check_inputs(weight, hidden, target, bias, ref_w, ref_l)
     group = opts.process_group
     backend = _backend_for(opts.backend, hidden.device, group)
+    if ref_model[0] is not None or ref_model[1] is not None:
+        if ref_w is not None:
+            raise ValueError("pass the reference model's ref_hidden/ref_weight or its precomputed "
+                             "ref_chosen_logps/ref_rejected_logps, not both")
+        ref_w, ref_l = _reference_logps(ref_model, hidden, target, cfg, opts, backend)
     if backend == "reference":
         loss, out = alphapo_loss_reference(weight, hidden, target, bias, ref_w, ref_l, config=cfg,
                                            nll_tokens=nll_tokens, check_finite=opts.check_finite)
         _record_path(owner, "reference")
         return loss, out
     vocab_size, shard = _vocab_shard(weight.shape[0], group, hidden.device)
-    scan = _scan(weight, hidden, target, bias, vocab_size, cfg.ignore_index, (ref_w, ref_l), opts.check_finite, group)
-    plan = plan_tokens(target, cfg.ignore_index, scan.n_tokens, scan.n_host)
+    scan = _scan(weight, hidden, target, bias, vocab_size, cfg.ignore_index, (ref_w, ref_l), opts.check_finite, group,
+                 averaged=cfg.average_log_prob)
+    plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, scan.n_tokens, scan.n_host), cfg.ld_alpha)
     module = _backend_module(backend)
     name, chunks = _choose_path(opts, cfg, weight, hidden, bias, (ref_w, ref_l), plan, module)
     if name == "pair-chunked":
         job = PairJob(plan, chunks, module, cfg, ref_w, ref_l, nll_tokens, shard, torch.is_grad_enabled())
-        loss, seq_sum = PairChunkedLoss.apply(hidden, weight, bias, job)
-        metrics = preference_loss(seq_sum, scan.n_tokens, cfg, ref_w, ref_l)
+        loss, seq, metrics = PairChunkedLoss.apply(hidden, weight, bias, job)
+        sums = SequenceSums.from_columns(seq, metrics, scan.n_tokens, cfg.use_weighting)
+        epi = preference_loss(sums, None, cfg, ref_w, ref_l)  # the metrics; the loss came with the gradients
     else:
-        seq_sum = _recompute_sums(weight, hidden, bias, plan, module, opts.scratch_bytes, shard, opts.filter_eps)
-        metrics = preference_loss(seq_sum, scan.n_tokens, cfg, ref_w, ref_l, nll_tokens=nll_tokens)
-        loss = metrics[0]
-    _, logps, _, rewards_w, rewards_l, nll = metrics
-    out = make_output(logps, rewards_w, rewards_l, nll, _logit_sums(scan, group), scan.n_tokens, vocab_size)
+        seq, metrics = _recompute_sums(weight, hidden, bias, plan, module, opts.scratch_bytes, shard, opts.filter_eps,
+                                       cfg.use_weighting)
+        sums = SequenceSums.from_columns(seq, metrics, scan.n_tokens, cfg.use_weighting)
+        epi = preference_loss(sums, None, cfg, ref_w, ref_l, nll_tokens=nll_tokens)
+        loss = epi.loss
+    out = make_output(epi, sums, _logit_sums(scan, group), vocab_size)
     _record_path(owner, name)
     return loss.to(accumulation_dtype(hidden.dtype)), out
+
+
+@torch.no_grad()
+def _reference_logps(ref_model, hidden, target, cfg: AlphaPOConfig, opts: _Options, backend):
+    """The reference model's per-sequence log-probs from its last hidden states and head,
+    without logits and without gradient, averaged (and LD-DPO-weighted) as the policy's:
+    ``(ref_chosen_logps, ref_rejected_logps)``, float32/64 (B,)."""
+    ref_hidden, ref_weight, ref_bias = ref_model
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("the reference model needs both ref_hidden and ref_weight (and ref_bias if its head has one)")
+    ref_weight, ref_hidden, ref_bias = _autocast(ref_weight, ref_hidden, ref_bias)
+    check_inputs(ref_weight, ref_hidden, target, ref_bias)
+    if tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2]):
+        raise ValueError(f"ref_hidden must have the policy's (2B, T) = {tuple(hidden.shape[:2])} leading shape "
+                         f"(the same sequences), got {tuple(ref_hidden.shape)}")
+    group = opts.process_group
+    B = hidden.shape[0] // 2
+    if backend == "reference":
+        from .reference import token_logprobs_reference
+
+        tok = token_logprobs_reference(ref_weight, ref_hidden, target, ref_bias, cfg.ignore_index)
+        n = (target != cfg.ignore_index).sum(1)
+        plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, n, n.tolist()), cfg.ld_alpha)
+        values = tok.reshape(-1)[plan.flat_idx]
+        if plan.weights is not None:
+            values = values * plan.weights[:, 1].to(values.dtype)
+        seq = sequence_sum(values, plan)
+    else:
+        vocab_size, shard = _vocab_shard(ref_weight.shape[0], group, ref_hidden.device)
+        scan = _scan(ref_weight, ref_hidden, target, ref_bias, vocab_size, cfg.ignore_index, (None, None),
+                     opts.check_finite, group)
+        n = scan.n_tokens
+        plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, n, scan.n_host), cfg.ld_alpha)
+        seq = _recompute_sums(ref_weight, ref_hidden, ref_bias, plan, _backend_module(backend), opts.scratch_bytes,
+                              shard)[0][:, -1]
+    logps = seq / n.to(seq.dtype) if cfg.average_log_prob else seq
+    return logps[:B].detach(), logps[B:].detach()
 
 
 def _record_path(owner, name):
@@ -396,9 +454,9 @@ class AlphaPOLoss(nn.Module):
         self,
         alpha: float = 0.25,
         beta: float = 2.5,
-        gamma: float = 1.375,
+        gamma: float | None = None,
         label_smoothing: float = 0.0,
-        loss_type: str = "sigmoid",
+        loss_type="sigmoid",
         average_log_prob: bool = True,
         nll_weight: float = 0.0,
         ignore_index: int = -100,
@@ -408,10 +466,18 @@ class AlphaPOLoss(nn.Module):
         filter_eps: float | None = None,
         path: str = "auto",
         check_finite: bool = True,
+        *,
+        loss_weights=None,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        use_weighting: bool = False,
+        ld_alpha: float | None = None,
     ):
         super().__init__()
         self.config = AlphaPOConfig(
-            alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index
+            alpha, beta, gamma, label_smoothing, loss_type, average_log_prob, nll_weight, ignore_index,
+            loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting, ld_alpha,
         )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -431,10 +497,10 @@ class AlphaPOLoss(nn.Module):
     path = property(lambda self: self.options.path)
 
     def forward(self, lin_weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None, *,
-                nll_num_tokens=None):
+                ref_hidden=None, ref_weight=None, ref_bias=None, nll_num_tokens=None):
         return _alphapo_loss(
-            lin_weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps, self.config, self.options,
-            nll_num_tokens, owner=self,
+            lin_weight, hidden, target, bias, (ref_chosen_logps, ref_rejected_logps), self.config, self.options,
+            nll_num_tokens, (ref_hidden, ref_weight, ref_bias), owner=self,
         )
 
     def extra_repr(self) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ._tokens import accumulation_dtype
+from ._tokens import accumulation_dtype, plan_tokens, with_ld_weights
 from ._validation import check_inputs, scan_inputs
-from .epilogue import AlphaPOConfig, AlphaPOOutput, make_output, preference_loss
+from .epilogue import AlphaPOConfig, AlphaPOOutput, SequenceSums, make_output, preference_loss
 
 
 def logits_reference(weight, hidden, bias=None):
@@ -69,14 +69,30 @@ def alphapo_loss_reference(
     cfg = config if config is not None else AlphaPOConfig(**options)
     check_inputs(weight, hidden, target, bias, ref_chosen_logps, ref_rejected_logps)
     refs = (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps))
-    n_tokens = scan_inputs(weight, hidden, target, bias, weight.shape[0], cfg.ignore_index, refs, check_finite).n_tokens
+    scan = scan_inputs(weight, hidden, target, bias, weight.shape[0], cfg.ignore_index, refs, check_finite,
+                       averaged=cfg.average_log_prob)
     valid = target != cfg.ignore_index
     logits = logits_reference(weight, _zero_ignored(hidden, valid), bias)
-    seq_sum = _gather_logprobs(logits, target, cfg.ignore_index).sum(-1)
-    loss, logps, _, rewards_w, rewards_l, nll = preference_loss(
-        seq_sum, n_tokens, cfg, ref_chosen_logps, ref_rejected_logps, nll_tokens=nll_tokens
-    )
+    token_logps = _gather_logprobs(logits, target, cfg.ignore_index)
+    seq_sum = token_logps.sum(-1)
+    raw = None
+    if cfg.ld_alpha is not None:  # LD-DPO: the tail past the shorter answer of a pair counts ld_alpha
+        plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, scan.n_tokens, scan.n_host), cfg.ld_alpha)
+        weights = torch.zeros_like(token_logps).reshape(-1)
+        weights[plan.flat_idx] = plan.weights[:, 1].to(weights.dtype)
+        raw, seq_sum = seq_sum, (token_logps * weights.view_as(token_logps)).sum(-1)
     with torch.no_grad():
+        logp_all = torch.log_softmax(logits, dim=-1)
+        p = logp_all.exp()
+        entropy = torch.where(valid, -(p * logp_all).sum(-1), 0).sum(-1)
+        safe = torch.where(valid, target, 0).long()
+        hits = torch.where(valid, logits.argmax(-1) == safe, False).sum(-1)
+        wpo = None
+        if cfg.use_weighting:  # Σ_t log p(y_t) - log Σ_v p_v²
+            lsq = torch.logsumexp(2 * logp_all, dim=-1)
+            wpo = torch.where(valid, token_logps.detach() - lsq, 0).sum(-1)
         logit_sums = torch.where(valid, logits.sum(-1), 0).sum(-1).double()
-    out = make_output(logps, rewards_w, rewards_l, nll, logit_sums, n_tokens, weight.shape[0])
-    return loss.to(accumulation_dtype(hidden.dtype)), out  # float32, or float64 for float64 inputs
+    sums = SequenceSums(seq_sum, scan.n_tokens, raw, wpo, entropy, hits)
+    epi = preference_loss(sums, None, cfg, ref_chosen_logps, ref_rejected_logps, nll_tokens=nll_tokens)
+    out = make_output(epi, sums, logit_sums, weight.shape[0])
+    return epi.loss.to(accumulation_dtype(hidden.dtype)), out  # float32, or float64 for float64 inputs

@@ -110,7 +110,7 @@ def profile_shape(name, H, V, N, dtype, device) -> dict:
                 rec["fwd"][key] = {"ms": ms, "x_gemm": ms / gemm}
             except Exception as exc:  # a variant that does not compile here is a result too
                 rec["fwd"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    lse, _ = fused.forward_stats(h, w, None, idx, y, None, torch.float32)
+    lse = fused.forward_stats(h, w, None, idx, y, None, torch.float32).lse
     coef = torch.full((N,), 1.0 / N, device=device)
     needs_only = {"dz": (False, False, False), "grad_w": (False, True, False), "grad_h": (True, False, False)}
     dz_ms = _timer(lambda: fused.backward_grads(h, w, None, idx, y, lse, coef, fused.DEFAULT_SCRATCH_BYTES, needs_only["dz"]))
@@ -124,12 +124,20 @@ def profile_shape(name, H, V, N, dtype, device) -> dict:
     target = y[: hidden.shape[0] * hidden.shape[1]].view(hidden.shape[:2])
     hidden, w_leaf = hidden.detach().requires_grad_(), w.detach().requires_grad_()
 
-    def fwd_bwd():
-        loss, _ = alphapo.alphapo_loss(w_leaf, hidden, target, backend="triton")
-        torch.autograd.grad(loss, (hidden, w_leaf))
+    # The pair-chunked path's own steps: the storing forward and the in-place dz kernel.
+    z, stats, _ = fused.chunk_logits(h, w, None, y, torch.float32)
+    rec["fwd_store_ms"] = _timer(lambda: fused.chunk_logits(h, w, None, y, torch.float32))
+    rec["dz_tile_ms"] = _timer(lambda: fused.logits_to_dz_(z, stats.lse, coef, y, False))
+    del z
 
-    rec["fwd_bwd_ms"] = ms = _timer(fwd_bwd)
-    rec["fwd_bwd_x_floor"] = ms / (4 * gemm)
+    for path in ("pair-chunked", "recompute"):
+        def fwd_bwd(path=path):
+            loss, _ = alphapo.alphapo_loss(w_leaf, hidden, target, backend="triton", path=path)
+            torch.autograd.grad(loss, (hidden, w_leaf))
+
+        ms = _timer(fwd_bwd)
+        rec[f"fwd_bwd_ms/{path}"] = ms
+        rec[f"fwd_bwd_x_gemm/{path}"] = ms / gemm  # 3 is the 6·N·H·V floor, 4 the 8·N·H·V one
     return rec
 
 

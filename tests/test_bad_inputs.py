@@ -7,6 +7,7 @@ the reference and for the fused backends alike (they share :mod:`alphapo._valida
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,3 +286,147 @@ def test_process_group_needs_a_fused_backend(batch):
     weight, hidden, target, bias = batch
     with pytest.raises(ValueError, match=r"process_group .* needs backend"):
         alphapo.alphapo_loss(weight, hidden, target, bias, backend="reference", process_group=object())
+
+
+# ----------------------------------------------------------------------- numbers and flags
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(dict(alpha=np.float32(0.25)), id="numpy-float32-alpha"),
+        pytest.param(dict(beta=np.float64(2.5), gamma=np.int64(1)), id="numpy-beta-gamma"),
+        pytest.param(dict(alpha=1), id="int-alpha"),
+        pytest.param(dict(average_log_prob=np.bool_(False), gamma=0.0), id="numpy-bool"),
+        pytest.param(dict(ignore_index=np.int64(-100)), id="numpy-int-ignore-index"),
+    ],
+)
+def test_real_numbers_of_any_numeric_type_are_accepted(batch, options):
+    weight, hidden, target, bias = batch
+    loss, _ = alphapo.alphapo_loss(weight, hidden, target, bias, **options)
+    reference, _ = alphapo.alphapo_loss(weight, hidden, target, bias,
+                                        **{k: (v.item() if hasattr(v, "item") else v) for k, v in options.items()})
+    assert torch.equal(loss, reference)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        pytest.param(dict(alpha=True), r"alpha must be a finite number \(not a bool\), got True", id="bool-alpha"),
+        pytest.param(dict(beta=np.bool_(True)), r"beta must be a finite number \(not a bool\)", id="numpy-bool-beta"),
+        pytest.param(dict(average_log_prob="no"), r"average_log_prob must be True or False, got 'no'", id="str-flag"),
+        pytest.param(dict(average_log_prob=1), r"average_log_prob must be True or False, got 1", id="int-flag"),
+        pytest.param(dict(use_weighting="yes"), r"use_weighting must be True or False", id="str-weighting"),
+        pytest.param(dict(ignore_index=True), r"ignore_index must be an int", id="bool-ignore-index"),
+        pytest.param(dict(check_finite="no"), r"check_finite must be True or False", id="str-check-finite"),
+    ],
+)
+def test_bools_and_non_bools_where_they_do_not_belong(options, match):
+    with pytest.raises(ValueError, match=match):
+        alphapo.AlphaPOLoss(**options)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        pytest.param(dict(loss_type="hinge", label_smoothing=0.1), r"label_smoothing=0.1 would be ignored by loss_type 'hinge'", id="hinge"),
+        pytest.param(dict(loss_type="ipo", label_smoothing=0.1), r"would be ignored by loss_type 'ipo'", id="ipo"),
+        pytest.param(dict(loss_type="nca_pair", gamma=0.5), r"gamma .* has no place in loss_type 'nca_pair'", id="gamma-no-margin"),
+        pytest.param(dict(loss_type="exo_pair"), r"exo_pair.* needs label_smoothing > 0", id="exo-needs-eps"),
+        pytest.param(dict(loss_type="robust", label_smoothing=0.5), r"robust.* needs label_smoothing < 0.5", id="robust-half"),
+        pytest.param(dict(loss_type="bco_pair", f_divergence_type="js_divergence"), r"does not apply to loss_type 'bco_pair'", id="fdiv"),
+        pytest.param(dict(f_divergence_type="kl"), r"f_divergence_type must be one of", id="fdiv-unknown"),
+        pytest.param(dict(loss_type="aot", use_weighting=True), r"use_weighting \(WPO\) is not defined for aot", id="wpo-aot"),
+        pytest.param(dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), r"loss_weights must give one weight per loss type \(2\)", id="weights-length"),
+        pytest.param(dict(loss_type=[]), r"loss_type must be a name or a non-empty list", id="empty-list"),
+        pytest.param(dict(ld_alpha=1.5), r"ld_alpha must lie in \[0, 1\]", id="ld-alpha"),
+        pytest.param(dict(discopop_tau=0.0), r"discopop_tau must be > 0", id="tau"),
+    ],
+)
+def test_options_that_a_loss_type_cannot_honour_are_refused(options, match):
+    """An option the chosen loss would silently ignore, or a combination TRL refuses too."""
+    with pytest.raises(ValueError, match=match):
+        alphapo.AlphaPOLoss(**options)
+
+
+def test_bf16_is_refused_in_the_triton_interpreter(monkeypatch):
+    """The interpreter's bf16 tl.dot is wrong (9.06e21 for 3.885): refuse, don't compute."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the kernels compute bf16")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    weight, hidden, target, bias = make_batch(1, 6, 16, 40, torch.bfloat16)
+    for path in ("pair-chunked", "recompute"):
+        with pytest.raises(TypeError, match=r"TRITON_INTERPRET=1 cannot compute bfloat16"):
+            alphapo.alphapo_loss(weight.requires_grad_(), hidden, target, bias, backend="triton", path=path)
+
+
+# ----------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        pytest.param("hidden", r"non-finite values .* in hidden at a valid", id="nan-hidden"),
+        pytest.param("weight", r"non-finite values .* in lin_weight", id="inf-weight"),
+        pytest.param("bias", r"non-finite values .* in bias", id="nan-bias"),
+        pytest.param("ref", r"non-finite values .* in ref_chosen_logps", id="nan-ref"),
+    ],
+)
+def test_non_finite_inputs_are_refused(backend, where, match):
+    weight, hidden, target, bias = make_batch(2, 9, 16, 40, torch.float32, seed=3)
+    refs = [-torch.rand(2), -torch.rand(2)]
+    if where == "hidden":
+        row, t = (target != -100).nonzero()[0].tolist()
+        hidden[row, t, 3] = float("nan")
+    elif where == "weight":
+        weight[7, 2] = float("inf")
+    elif where == "bias":
+        bias[5] = float("nan")
+    else:
+        refs[0][1] = float("nan")
+    with pytest.raises(ValueError, match=match):
+        alphapo.alphapo_loss(weight, hidden, target, bias, *refs, backend=backend)
+    # the documented opt-out computes anyway (and gets the NaN the check would have prevented)
+    loss, _ = alphapo.alphapo_loss(weight, hidden, target, bias, *refs, backend=backend, check_finite=False)
+    assert not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("path", ["pair-chunked", "recompute"])
+def test_nan_at_ignored_positions_is_harmless_on_every_backend(path):
+    """A NaN where target is ignore_index is no token of the loss: every backend gives the
+    finite loss and gradients of the clean batch (the reference used to poison grad_W)."""
+    weight, hidden, target, bias = make_batch(2, 12, 16, 40, torch.float64, seed=5, prompt_len=4)
+    dirty = hidden.clone()
+    dirty[target == -100] = float("nan")
+    out = {}
+    for backend in ("reference", "torch"):
+        for h in (hidden, dirty):
+            W, hh, b = (t.clone().requires_grad_() for t in (weight, h, bias))
+            loss, _ = alphapo.alphapo_loss(W, hh, target, b, backend=backend,
+                                           **({} if backend == "reference" else {"path": path}))
+            loss.backward()
+            out[(backend, h is dirty)] = (loss, W.grad, torch.nan_to_num(hh.grad, nan=123.0), b.grad)
+    clean = out[("reference", False)]
+    for key, got in out.items():
+        for g, want in zip(got, clean):
+            assert torch.allclose(g, want, rtol=1e-10, atol=1e-12), key
+
+
+@pytest.mark.parametrize(
+    "refs, average, match",
+    [
+        pytest.param((0.5, -1.0), True, r"ref_chosen_logps.*a log-prob is <= 0", id="positive"),
+        pytest.param((-90.0, -80.0), True, r"ref_chosen_logps, ref_rejected_logps.*look summed", id="summed-as-averaged"),
+    ],
+)
+def test_reference_logps_that_cannot_be_this_losss_are_refused(refs, average, match):
+    weight, hidden, target, bias = make_batch(1, 9, 16, 40, torch.float32, seed=7)
+    ref_w, ref_l = (torch.tensor([r]) for r in refs)
+    for backend in ("reference", "torch"):
+        with pytest.raises(ValueError, match=match):
+            alphapo.alphapo_loss(weight, hidden, target, bias, ref_w, ref_l, backend=backend, average_log_prob=average)
+    # summed references of that size are plausible with summed log-probs
+    alphapo.alphapo_loss(weight, hidden, target, bias, -torch.abs(ref_w), -torch.abs(ref_l), backend="torch",
+                         average_log_prob=False, gamma=0.0)

@@ -23,5 +23,6 @@ def test_profile_tool_runs(tmp_path):
     profile.main(["--out", str(out)])
     data = json.loads(out.read_text())
     rec = data["records"][0]
-    assert rec["gemm_ms"] > 0 and rec["fwd_bwd_ms"] > 0
+    assert rec["gemm_ms"] > 0 and rec["fwd_store_ms"] > 0 and rec["dz_tile_ms"] > 0
+    assert rec["fwd_bwd_ms/pair-chunked"] > 0 and rec["fwd_bwd_ms/recompute"] > 0
     assert all("ms" in v for v in rec["fwd"].values()), rec["fwd"]

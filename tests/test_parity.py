@@ -167,23 +167,25 @@ def test_sequence_logprobs_match_reference(backend, dtype, average):
     assert_grads_close(grads, ref_grads, TOL[dtype], what="sequence_logprobs")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("options", [CONFIGS[2], CONFIGS[9], CONFIGS[10]])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_metrics_match_reference(backend, options):
-    """Every aux field of a fused backend equals the reference's (float64; Triton: float32)."""
+def test_metrics_match_reference(backend, options, path):
+    """Every aux field of a fused backend equals the reference's (float64; Triton: float32),
+    on inputs that require grad (the metrics must not carry a graph)."""
     device = device_for(backend)
     dtype = widest(backend)
     weight, hidden, target, b = make_batch(3, 31, 40, 509, dtype, device=device, seed=11)
+    weight, hidden, b = (t.clone().requires_grad_() for t in (weight, hidden, b))
     opts = dict(options)
     refs = ref_logps(3, opts.get("average_log_prob", True), 0) if opts.pop("ref", False) else (None, None)
     refs = tuple(r.to(device) for r in refs) if refs[0] is not None else refs
-    with torch.no_grad():
-        _, aux = alphapo.alphapo_loss(weight, hidden, target, b, *refs, backend=backend, **opts)
-        _, ref_aux = alphapo.alphapo_loss(weight, hidden, target, b, *refs, backend="reference", **opts)
+    _, aux = alphapo.alphapo_loss(weight, hidden, target, b, *refs, backend=backend, path=path, **opts)
+    _, ref_aux = alphapo.alphapo_loss(weight, hidden, target, b, *refs, backend="reference", **opts)
     for name, value in aux._asdict().items():
         expected = getattr(ref_aux, name)
         assert value.shape == expected.shape, name
-        assert not value.requires_grad, name
+        assert not value.requires_grad, name  # (the inputs require grad below too)
         rtol, atol = (1e-6, 1e-7) if dtype == torch.float64 else (1e-5, 1e-6)
         assert torch.allclose(value.double(), expected.double(), rtol=rtol, atol=atol), (name, value, expected)
 

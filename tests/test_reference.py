@@ -18,6 +18,7 @@ import torch
 
 import alphapo
 from alphapo.epilogue import EXP_CAP, AlphaPOConfig, alpha_reward, preference_loss
+from alphapo.pair_losses import LOSS_TYPES
 from conftest import FUSED_BACKENDS, IGNORE_INDEX, device_for, make_batch
 
 
@@ -154,12 +155,21 @@ def test_metrics_against_materialised_logits(backend, options):
     close("chosen_logits_mean", aux.chosen_logits_mean, logit_mean(slice(0, B)))
     close("rejected_logits_mean", aux.rejected_logits_mean, logit_mean(slice(B, 2 * B)))
     close("nll_loss", aux.nll_loss, nll)
+    # TRL's token metrics: entropy over every valid token, top-1 accuracy over chosen ones
+    logp_all = torch.log_softmax(z, -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    close("entropy", aux.entropy, entropy[valid].mean().item())
+    top1 = z.argmax(-1) == target
+    close("mean_token_accuracy", aux.mean_token_accuracy, top1[:B][valid[:B]].double().mean().item())
+    a = options.get("alpha", 0.25)
+    close("tangent_fraction", aux.tangent_fraction, sum(-a * v > 30 for v in x) / (2 * B))
     assert not any(t.requires_grad for t in aux)
 
     logged = aux.to_dict()
     assert set(logged) == {
         "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss",
+        "entropy", "mean_token_accuracy", "rewards/tangent_fraction",
     }
     assert all(v.dim() == 0 for v in logged.values())
     close("rewards/margins", logged["rewards/margins"], sum(r_w) / B - sum(r_l) / B)
@@ -180,7 +190,7 @@ def test_accuracy_counts_pairs_not_sequences():
 ALPHAS = [-2.0, -1.0, -0.25, 0.0, 1e-7, 0.25, 1.0, 2.0]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("aot", "sft")])
 @pytest.mark.parametrize(
     "average, floor",
     [pytest.param(True, -50.0, id="average-to-minus50"), pytest.param(False, -5000.0, id="summed-to-minus5000")],
@@ -193,10 +203,13 @@ def test_epilogue_finite_for_extreme_logps(average, floor, loss_type):
     seq_sum = x * n if average else x  # per-sequence values x exactly, average or not
     for alpha in ALPHAS:
         for beta in (0.1, 2.5, 10.0):
-            cfg = AlphaPOConfig(alpha=alpha, beta=beta, gamma=1.0, loss_type=loss_type,
-                                average_log_prob=average, nll_weight=0.5, label_smoothing=0.1 * (loss_type == "sigmoid"))
+            info = LOSS_TYPES[loss_type]
+            cfg = AlphaPOConfig(alpha=alpha, beta=beta, gamma=1.0 if info.margin else 0.0, loss_type=loss_type,
+                                average_log_prob=average, nll_weight=0.5,
+                                label_smoothing=0.1 if info.smoothing != "no" else 0.0)
             leaf = seq_sum.clone().requires_grad_(True)
-            loss, logps, losses, r_w, r_l, nll = preference_loss(leaf, n, cfg)
+            out = preference_loss(leaf, n, cfg)
+            loss, r_w, r_l = out.loss, out.chosen_rewards, out.rejected_rewards
             loss.backward()
             what = f"alpha={alpha} beta={beta}"
             for name, t in (("loss", loss), ("grad", leaf.grad), ("rewards", torch.cat([r_w, r_l]))):

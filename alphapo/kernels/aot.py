@@ -45,8 +45,9 @@ def _signatures(dtype: torch.dtype, family: str):
         for store_z in (False, True):  # the recompute path's forward, and the pair-chunked one
             c = cfgs["fwd_store" if store_z else "fwd"]
             yield "fwd", fused._lse_fwd_kernel, {
-                **stats, "m_ptr": "*fp32:16", "l_ptr": "*fp32:16", "tgt_ptr": "*fp32:16", "z_ptr": p,
+                **stats, "part_ptr": "*fp32:16", "z_ptr": p,
                 "N": "i32", "V": "i32", "H": "i32:16", "V_PER_SPLIT": "i32:16", **strides, "stride_zn": "i32:16",
+                "stride_part": "i32:16",
             }, dict(HAS_BIAS=has_bias, STORE_Z=store_z, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
                     DOT_PRECISION=precision), c
         c = cfgs["dz_tile"]
@@ -67,8 +68,9 @@ def _signatures(dtype: torch.dtype, family: str):
         yield "fwd_tma", fused._lse_fwd_tma_kernel, {
             "h_desc": f"tensordesc<{t}[{c.block_m},{c.block_k}]>",
             "w_desc": f"tensordesc<{t}[{c.block_n},{c.block_k}]>",
-            "b_ptr": p, "y_ptr": "*i64:16", "m_ptr": "*fp32:16", "l_ptr": "*fp32:16", "tgt_ptr": "*fp32:16",
+            "b_ptr": p, "y_ptr": "*i64:16", "part_ptr": "*fp32:16",
             "N": "i32", "V": "i32", "H": "i32:16", "V_PER_SPLIT": "i32:16", "ROW_BLOCKS": "i32", "ITEMS": "i32",
+            "stride_part": "i32:16",
         }, dict(HAS_BIAS=True, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k, NUM_PROGRAMS=132,
                 DOT_PRECISION=precision), c
     c = cfgs["grad_h"]

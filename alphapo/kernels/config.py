@@ -6,8 +6,9 @@ A configuration is the GEMM tile each kernel computes: ``block_m`` output rows (
 
 Choices (to be re-measured on the lent GPUs; see the GPU performance issues):
 
-* sm_90 (H100/H200), 16-bit: 128×128×64, 8 warps, 3 stages — the pointer-based ``tl.dot``
-  tile that DESIGN.md §3 measured at 0.81–0.85× cuBLAS; 96 KiB of shared memory for the
+* sm_90 (H100/H200), 16-bit: 128×128×64, 8 warps, 3 stages (the forward kernels: 128×64×64,
+  see ``_FWD_16``) — the pointer-based ``tl.dot`` tile that DESIGN.md §3 measured at
+  0.81–0.85× cuBLAS; 96 KiB of shared memory for the
   three stages of the A and B tiles, well under the 227 KiB limit, and a 128×128 float32
   accumulator over 256 threads (64 registers each), leaving room for the epilogue.
 * sm_80 (A100) and other pre-Hopper parts, 16-bit: 128×128×32, 8 warps, 3 stages — half
@@ -55,31 +56,34 @@ GRID_WAVES = 2
 PERSISTENT_WAVES = 8
 
 # (family, dtype class) -> kernel -> config
-# fwd_store: the forward that also stores each logit tile (pair-chunked path). The store's
-# cast keeps a 16-bit copy of the tile live: at the fwd tile (128×128×64 on sm_90) ptxas
-# spilled 48 bytes with a bias, so the K step halves (128×128×32, 0 spills, Triton 3.9);
-# float32 (64×64×32 and 64×64×16 spilled 36 bytes on sm_90) takes 32×64×32.
-_FWD_STORE_16 = LaunchConfig(128, 128, 32, 8, 3)
-_FWD_STORE_32 = LaunchConfig(32, 64, 32, 4, 2)
+# fwd / fwd_store: the forward, and the one that also stores each logit tile (pair-chunked
+# path). Besides the log-sum-exp it folds the metrics' statistics (Σ e·z, Σ e², the max
+# before the target), which keep more tiles live: at 128×128 ptxas (Triton 3.9) spilled
+# 44-128 bytes on sm_90 and 584-1284 on sm_80, at 128×64×64 (8 warps, 3 stages, 72 KiB of
+# shared memory) nothing on either. float32 (64×64×32 spilled 60 and 244 bytes) takes
+# 32×64×32. Whether a separate pass over the stored tile for those statistics beats the
+# narrower tile is for a lent GPU to measure (docs/perf-notes.md).
+_FWD_16 = LaunchConfig(128, 64, 64, 8, 3)
+_FWD_32 = LaunchConfig(32, 64, 32, 4, 2)
 # dz_tile on GPUs: 16 × 512 tiles over 4 warps (64 elements a thread, one exp each),
 # 256 rows a program: at 4,096 tokens × 128,256 vocabulary, 16 × 251 programs.
 _DZ_TILE = LaunchConfig(16, 512, 256, 4, 1)
 
 CONFIGS: dict[tuple[str, str], dict[str, LaunchConfig]] = {
     ("sm90", "16bit"): {**{k: LaunchConfig(128, 128, 64, 8, 3) for k in KERNELS},
-                        "fwd_store": _FWD_STORE_16, TILE_KERNEL: _DZ_TILE},
+                        "fwd": _FWD_16, "fwd_store": _FWD_16, TILE_KERNEL: _DZ_TILE},
     ("sm80", "16bit"): {**{k: LaunchConfig(128, 128, 32, 8, 3) for k in KERNELS},
-                        "fwd_store": _FWD_STORE_16, TILE_KERNEL: _DZ_TILE},
+                        "fwd": _FWD_16, "fwd_store": _FWD_16, TILE_KERNEL: _DZ_TILE},
     ("sm90", "fp32"): {**{k: LaunchConfig(64, 64, 32, 4, 2) for k in KERNELS},
-                       "fwd_store": _FWD_STORE_32, TILE_KERNEL: _DZ_TILE},
+                       "fwd": _FWD_32, "fwd_store": _FWD_32, TILE_KERNEL: _DZ_TILE},
     # sm_80 float32: the dz kernel with a bias and gradient filtering spilled 8 bytes at
     # 64 rows, grad_h 36 bytes at 32×64: 32-row tiles (equal rows, as filtering needs) do not.
     ("sm80", "fp32"): {
-        "fwd": LaunchConfig(64, 64, 32, 4, 2),
+        "fwd": _FWD_32,
         "fwd_tma": LaunchConfig(64, 64, 32, 4, 2),
         "dz": LaunchConfig(32, 64, 32, 4, 2),
         "grad_h": LaunchConfig(32, 32, 32, 4, 2),
-        "fwd_store": _FWD_STORE_32,
+        "fwd_store": _FWD_32,
         TILE_KERNEL: _DZ_TILE,
     },
     ("interpreter", "16bit"): {**{k: LaunchConfig(16, 32, 16, 1, 1) for k in (*KERNELS, "fwd_store")},

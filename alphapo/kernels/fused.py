@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tokens import TokenStats
 from .config import FWD_IMPL, GRID_WAVES, PERSISTENT_WAVES, LaunchConfig, gpu_family, launch_config
 
 try:  # host-side TMA descriptors: Triton >= 3.4
@@ -95,31 +96,51 @@ def _logit_tile(
 
 
 @triton.jit
-def _online_lse(z, offs_v, mask_v, y, m_i, l_i, tgt):
-    """Fold one float32 logit tile into the running max m_i, Σ exp(z - m_i) l_i and the
-    target logit (columns outside ``mask_v`` are padding)."""
-    z = tl.where(mask_v[None, :], z, float("-inf"))
+def _online_stats(z, offs_v, mask_v, y, m_i, l_i, s_i, q_i, b_i, tgt):
+    """Fold one float32 logit tile into the running softmax statistics of its rows: the
+    max ``m_i``, ``l_i = Σ e``, ``s_i = Σ e·z`` (entropy) and ``q_i = Σ e²`` (WPO), all with
+    ``e = exp(z - m_i)``, the target logit, and ``b_i``, the largest logit *before* the
+    target's column (the target is the first argmax iff ``tgt >= m`` and ``tgt > b``, the
+    tie rule of torch.argmax) — no argmax index tile, which spilled registers. Columns
+    outside ``mask_v`` are padding; their ``z`` is 0 (masked loads), so ``e·z`` is 0 there."""
+    zm = tl.where(mask_v[None, :], z, float("-inf"))
     # Every split holds >= 1 column, so m_new is finite from the first tile on.
-    m_new = tl.maximum(m_i, tl.max(z, axis=1))
-    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    m_new = tl.maximum(m_i, tl.max(zm, axis=1))
+    scale = tl.exp(m_i - m_new)
+    e = tl.exp(zm - m_new[:, None])  # 0 on padding
+    l_i = l_i * scale + tl.sum(e, axis=1)
+    s_i = s_i * scale + tl.sum(e * z, axis=1)
+    q_i = q_i * scale * scale + tl.sum(e * e, axis=1)
+    b_i = tl.maximum(b_i, tl.max(tl.where(offs_v[None, :] < y[:, None], zm, float("-inf")), axis=1))
     tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
-    return m_new, l_i, tgt
+    return m_new, l_i, s_i, q_i, b_i, tgt
+
+
+@triton.jit
+def _store_stats(part_ptr, stride_part, out, mask_n, m_i, l_i, tgt, s_i, q_i, b_i):
+    """One split's partial statistics, field by field: (m, l, tgt, s, q, b) × splits × N."""
+    tl.store(part_ptr + out, m_i, mask=mask_n)
+    tl.store(part_ptr + stride_part + out, l_i, mask=mask_n)
+    tl.store(part_ptr + 2 * stride_part + out, tgt, mask=mask_n)
+    tl.store(part_ptr + 3 * stride_part + out, s_i, mask=mask_n)
+    tl.store(part_ptr + 4 * stride_part + out, q_i, mask=mask_n)
+    tl.store(part_ptr + 5 * stride_part + out, b_i, mask=mask_n)
 
 
 @triton.jit
 def _lse_fwd_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr, z_ptr,
+    h_ptr, w_ptr, b_ptr, idx_ptr, y_ptr, part_ptr, z_ptr,
     # sizes
     N, V, H, V_PER_SPLIT,
     # strides
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_zn,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_zn, stride_part,
     # meta-parameters
     HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Per (token block, vocabulary split): running max m_i, Σ exp(z - m_i) l_i, target logit;
-    with ``STORE_Z`` (the pair-chunked path) each logit tile is also written to ``z``, in
+    """Per (token block, vocabulary split): the online softmax statistics of
+    :func:`_online_stats` (log-sum-exp, target logit, the metrics' sums); with ``STORE_Z`` (the pair-chunked path) each logit tile is also written to ``z``, in
     z's dtype, at row ``n`` (the token's place in the chunk)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -131,6 +152,9 @@ def _lse_fwd_kernel(
 
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    q_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_start = pid_s * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
@@ -145,20 +169,17 @@ def _lse_fwd_kernel(
         if STORE_Z:  # before the reduction: its temporaries and the stored copy never coexist
             z_ptrs = z_ptr + offs_n[:, None].to(tl.int64) * stride_zn + offs_v[None, :]
             tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
-        m_i, l_i, tgt = _online_lse(z, offs_v, mask_v, y, m_i, l_i, tgt)
+        m_i, l_i, s_i, q_i, b_i, tgt = _online_stats(z, offs_v, mask_v, y, m_i, l_i, s_i, q_i, b_i, tgt)
 
-    out = pid_s * N + offs_n
-    tl.store(m_ptr + out, m_i, mask=mask_n)
-    tl.store(l_ptr + out, l_i, mask=mask_n)
-    tl.store(tgt_ptr + out, tgt, mask=mask_n)
+    _store_stats(part_ptr, stride_part, pid_s * N + offs_n, mask_n, m_i, l_i, tgt, s_i, q_i, b_i)
 
 
 @triton.jit
 def _lse_fwd_tma_kernel(
     # tensor descriptors (TMA) and pointers
-    h_desc, w_desc, b_ptr, y_ptr, m_ptr, l_ptr, tgt_ptr,
+    h_desc, w_desc, b_ptr, y_ptr, part_ptr,
     # sizes
-    N, V, H, V_PER_SPLIT, ROW_BLOCKS, ITEMS,
+    N, V, H, V_PER_SPLIT, ROW_BLOCKS, ITEMS, stride_part,
     # meta-parameters
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -182,6 +203,9 @@ def _lse_fwd_tma_kernel(
         y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int32)
         m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        q_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
         v_start = pid_s * V_PER_SPLIT
         v_end = tl.minimum(v_start + V_PER_SPLIT, V)
@@ -195,11 +219,8 @@ def _lse_fwd_tma_kernel(
             mask_v = offs_v < v_end
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-            m_i, l_i, tgt = _online_lse(acc, offs_v, mask_v, y, m_i, l_i, tgt)
-        out = pid_s * N + offs_n
-        tl.store(m_ptr + out, m_i, mask=mask_n)
-        tl.store(l_ptr + out, l_i, mask=mask_n)
-        tl.store(tgt_ptr + out, tgt, mask=mask_n)
+            m_i, l_i, s_i, q_i, b_i, tgt = _online_stats(acc, offs_v, mask_v, y, m_i, l_i, s_i, q_i, b_i, tgt)
+        _store_stats(part_ptr, stride_part, pid_s * N + offs_n, mask_n, m_i, l_i, tgt, s_i, q_i, b_i)
 
 
 @triton.jit
@@ -350,6 +371,13 @@ def _check(h2d, weight):
         raise TypeError(
             f'backend="triton" supports {SUPPORTED_DTYPES} inputs, got {h2d.dtype}: use backend="torch" for it'
         )
+    if h2d.dtype == torch.bfloat16 and _interpreting():
+        # Symptom: Triton's CPU interpreter (3.9) returns garbage from tl.dot on bf16 operands
+        # (a loss of 9.06e21 where the reference gives 3.885); fp32 and fp16 are exact there.
+        raise TypeError(
+            'backend="triton" under TRITON_INTERPRET=1 cannot compute bfloat16 (the interpreter\'s bf16 tl.dot '
+            'is wrong): use float16 or float32 in the interpreter, backend="torch" on the CPU, or a GPU'
+        )
     if not (h2d.is_cuda or _interpreting()):
         raise RuntimeError('backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1); use backend="torch"')
 
@@ -384,26 +412,35 @@ def _use_tma(h2d, weight, device) -> bool:
     return aligned and weight.stride(1) == 1 and weight.stride(0) == weight.shape[1]
 
 
-def _partials(m, l, tgt):
-    """Exact combination of the splits' partial log-sum-exps: O(splits · N), negligible."""
+def _partials(part, y, want_sq: bool) -> TokenStats:
+    """The splits' partial statistics (6, splits, N) combined exactly: O(splits · N)."""
+    m, l, tgt, s_, q, before = part
     m_max = m.max(dim=0).values
-    return m_max + torch.log((l * torch.exp(m - m_max)).sum(dim=0)), tgt.sum(dim=0)
+    w = torch.exp(m - m_max)
+    L = (l * w).sum(0)
+    lse = m_max + torch.log(L)
+    zbar = (s_ * w).sum(0) / L
+    z_y = tgt.sum(0)
+    # first argmax = y: no logit above z_y anywhere, none equal to it before y's column
+    hit = ((z_y >= m_max) & (z_y > before.max(dim=0).values) & (y >= 0)).float()
+    lsq = torch.log((q * w * w).sum(0)) - 2.0 * torch.log(L) if want_sq else None
+    return TokenStats(lse, z_y, zbar, m_max, hit, lsq)
 
 
-def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype):
-    """Per valid token: ``lse = logsumexp(z)`` and ``tgt = z[target]`` (0 for target -1), float32."""
+def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype, want_sq: bool = False):
+    """Per valid token: :class:`~alphapo._tokens.TokenStats`, float32 (``tgt`` 0 for target -1)."""
     _check(h2d, weight)
     N, (V, H) = flat_idx.numel(), weight.shape
     device = h2d.device
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        return empty, empty.clone()
+        return TokenStats(empty, empty, empty, empty, empty, empty if want_sq else None)
     precision = _dot_precision(h2d.dtype)
     b_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
     if _use_tma(h2d, weight, device):
         cfg = launch_config(device, h2d.dtype, "fwd_tma")
         v_per_split, splits = _vocab_splits(N, V, cfg, PERSISTENT_WAVES, device)
-        m, l, tgt = (torch.empty((splits, N), dtype=torch.float32, device=device) for _ in range(3))
+        part = torch.empty((6, splits, N), dtype=torch.float32, device=device)
         h_valid = _compact_rows(h2d, flat_idx)
         row_blocks = triton.cdiv(N, cfg.block_m)
         items = row_blocks * splits
@@ -411,55 +448,51 @@ def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype)
         _lse_fwd_tma_kernel[(programs,)](
             TensorDescriptor.from_tensor(h_valid, [cfg.block_m, cfg.block_k]),
             TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]),
-            b_arg, target, m, l, tgt,
-            N, V, H, v_per_split, row_blocks, items,
+            b_arg, target, part,
+            N, V, H, v_per_split, row_blocks, items, part.stride(0),
             HAS_BIAS=bias is not None, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
             NUM_PROGRAMS=programs, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return _partials(m, l, tgt)
+        return _partials(part, target, want_sq)
     cfg = launch_config(device, h2d.dtype, "fwd")
     v_per_split, splits = _vocab_splits(N, V, cfg, GRID_WAVES, device)
-    m, l, tgt = (torch.empty((splits, N), dtype=torch.float32, device=device) for _ in range(3))
+    part = torch.empty((6, splits, N), dtype=torch.float32, device=device)
     _lse_fwd_kernel[(triton.cdiv(N, cfg.block_m), splits)](
-        h2d, weight, b_arg, flat_idx, target, m, l, tgt, m,
+        h2d, weight, b_arg, flat_idx, target, part, part,
         N, V, H, v_per_split,
-        h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), 0,
+        h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), 0, part.stride(0),
         HAS_BIAS=bias is not None, STORE_Z=False, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _partials(m, l, tgt)
+    return _partials(part, target, want_sq)
 
 
 # ----------------------------------------------------------------------------- pair-chunked path
 
 
-def chunk_logits(h, weight, bias, y, acc_dtype):
+def chunk_logits(h, weight, bias, y, acc_dtype, want_sq: bool = False):
     """The pair-chunked path's forward for one chunk (see :mod:`alphapo._pairchunk`).
 
     ``h`` (n, H): the chunk's valid hidden rows, ``y`` (n,) their targets. Returns the
     logits ``z`` (n, V) in the input dtype, stored by the forward kernel as it reduces
-    each tile, their ``lse`` and ``tgt`` (n,) in float32, and no backend state.
+    each tile, their :class:`~alphapo._tokens.TokenStats` in float32, and no backend state.
     """
     _check(h, weight)
     n, (V, H) = h.shape[0], weight.shape
     device = h.device
     z = torch.empty((n, V), dtype=h.dtype, device=device)
-    if n == 0:
-        empty = torch.empty(0, dtype=torch.float32, device=device)
-        return z, empty, empty.clone(), None
     cfg = launch_config(device, h.dtype, "fwd_store")
     v_per_split, splits = _vocab_splits(n, V, cfg, GRID_WAVES, device)
-    m, l, tgt = (torch.empty((splits, n), dtype=torch.float32, device=device) for _ in range(3))
+    part = torch.empty((6, splits, n), dtype=torch.float32, device=device)
     rows = torch.arange(n, device=device)  # h is the compacted chunk: row n is token n
     _lse_fwd_kernel[(triton.cdiv(n, cfg.block_m), splits)](
-        h, weight, bias if bias is not None else weight, rows, y, m, l, tgt, z,
+        h, weight, bias if bias is not None else weight, rows, y, part, z,
         n, V, H, v_per_split,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), z.stride(0),
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), z.stride(0), part.stride(0),
         HAS_BIAS=bias is not None, STORE_Z=True, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
         DOT_PRECISION=_dot_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    lse, tgt = _partials(m, l, tgt)
-    return z, lse, tgt, None
+    return z, _partials(part, y, want_sq), None
 
 
 def logits_to_dz_(z, lse, coef, y, need_b: bool, state=None):
