@@ -28,8 +28,10 @@ from torch import nn
 from ..loss import AlphaPOLoss
 
 # Final-layer transforms of the logits that a loss computed from ``lm_head.weight`` alone
-# would silently skip (Gemma-2 soft-capping, Cohere/Granite scaling): refuse such models.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# would silently skip (Gemma-2 soft-capping; Cohere, Granite, MiniCPM3, Falcon-H1 and Muse
+# scaling — the names TRL's fused head reads too): refuse such models.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "output_multiplier", "lm_head_multiplier")
 
 
 def attention_implementation(device: torch.device) -> str:
@@ -130,8 +132,22 @@ class AlphaPOModel(nn.Module):
         return fused_forward(self.lm, self.loss_fn, input_ids, attention_mask, labels, nll_num_tokens=nll_num_tokens)
 
 
-def fused_forward(lm: nn.Module, loss_fn: AlphaPOLoss, input_ids, attention_mask, labels, *, nll_num_tokens=None):
-    """The body of :meth:`AlphaPOModel.forward`, for integrations that patch a model's forward."""
+def last_hidden_state(lm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """The decoder's final hidden states (2B, T, H), after its final norm; no ``lm_head`` call."""
+    decoder, _ = decoder_and_head(lm)
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def fused_forward(lm: nn.Module, loss_fn: AlphaPOLoss, input_ids, attention_mask, labels, *, nll_num_tokens=None,
+                  ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None):
+    """The body of :meth:`AlphaPOModel.forward`, for integrations that patch a model's forward.
+
+    A reference model enters either as its per-sequence log-probs ``ref_logps = (chosen
+    (B,), rejected (B,))`` or as its final hidden states ``ref_hidden`` (2B, T, H, from
+    :func:`last_hidden_state` under ``no_grad``) with its head ``ref_weight``/``ref_bias``;
+    ``ref_weight=None`` with ``ref_hidden`` given means this model's own head (a PEFT
+    policy with its adapters disabled), read here, where a sharding wrapper has gathered it.
+    """
     decoder, head = decoder_and_head(lm)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # Shift by padding the targets, not by slicing hidden: hidden[:, t] predicts
@@ -143,6 +159,15 @@ def fused_forward(lm: nn.Module, loss_fn: AlphaPOLoss, input_ids, attention_mask
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = head.weight.dtype
-    bias = None if head.bias is None else head.bias.to(dtype)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    refs = {}
+    if ref_logps is not None:
+        refs = dict(ref_chosen_logps=ref_logps[0], ref_rejected_logps=ref_logps[1])
+    elif ref_hidden is not None:
+        if ref_weight is None:
+            ref_weight, ref_bias = head.weight, head.bias
+        refs = dict(ref_hidden=cast(ref_hidden.detach()), ref_weight=cast(ref_weight.detach()),
+                    ref_bias=cast(None if ref_bias is None else ref_bias.detach()))
     with torch.autocast(device_type, enabled=False):
-        return loss_fn(head.weight.to(dtype), hidden.to(dtype), target, bias=bias, nll_num_tokens=nll_num_tokens)
+        return loss_fn(head.weight.to(dtype), hidden.to(dtype), target, bias=cast(head.bias),
+                       nll_num_tokens=nll_num_tokens, **refs)
