@@ -232,3 +232,59 @@ def test_filter_eps_needs_triton():
     weight, hidden, target, bias = make_batch(1, 4, 16, 20, torch.float32)
     with pytest.raises(ValueError, match="filter_eps"):
         alphapo.alphapo_loss(weight, hidden, target, bias, backend="torch", filter_eps=1e-3)
+
+
+DPO_FAMILY = [
+    pytest.param(dict(alpha=0.0, beta=0.1, gamma=0.0, average_log_prob=False, loss_type="ipo"), id="dpo-ipo"),
+    pytest.param(dict(alpha=0.5, beta=0.1, average_log_prob=False, loss_type=["sigmoid", "sft", "bco_pair"],
+                      loss_weights=[0.7, 0.2, 0.1], gamma=0.0), id="mpo-list"),
+    pytest.param(dict(alpha=0.0, beta=0.2, gamma=0.0, average_log_prob=False, use_weighting=True), id="wpo"),
+    pytest.param(dict(alpha=-0.5, beta=0.2, gamma=0.0, average_log_prob=False, ld_alpha=0.3,
+                      loss_type="robust", label_smoothing=0.1), id="ld-robust"),
+    pytest.param(dict(alpha=0.0, beta=0.1, gamma=0.0, average_log_prob=False, loss_type="discopop",
+                      f_divergence_type="js_divergence"), id="discopop-js"),
+    pytest.param(dict(alpha=0.0, beta=0.1, gamma=0.0, average_log_prob=False, loss_type="aot"), id="aot-recompute"),
+]
+
+
+@pytest.mark.parametrize("path", ["auto", "recompute"])
+@pytest.mark.parametrize("options", DPO_FAMILY)
+def test_dpo_family_and_metrics_match_reference(options, path, device):
+    """TRL's loss family on the Triton kernels (reference log-probs, WPO's log Σp², LD-DPO's
+    token weights, batch-coupled aot) and the token metrics the forward folds online:
+    entropy and top-1 accuracy (float32, 1e-5) against the float64 reference."""
+    batch = make_batch(3, 11, 24, 150, torch.float64, seed=41, peak=4.0)
+    gen = torch.Generator().manual_seed(3)
+    refs = tuple(-30 * torch.rand(3, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref, ref_grads = _run("reference", options, batch, torch.float64, "cpu", ref_logps=refs)
+    out, grads = _run("triton", dict(options, path=path), batch, torch.float32, device, ref_logps=refs)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], f"{options}")
+    weight, hidden, target, bias = batch
+    _, aux = alphapo.alphapo_loss(*(t.to(device=device, dtype=torch.float32) for t in (weight, hidden)),
+                                  target.to(device), bias.to(device=device, dtype=torch.float32),
+                                  *(r.to(device) for r in refs), backend="triton", **options)
+    _, want = alphapo.alphapo_loss(weight, hidden, target, bias, *refs, backend="reference", **options)
+    for name in ("entropy", "mean_token_accuracy", "chosen_logits_mean", "chosen_rewards", "tangent_fraction"):
+        torch.testing.assert_close(getattr(aux, name).cpu().double(), getattr(want, name).double(), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_model_through_the_fused_path(device):
+    """ref_hidden / ref_weight: the reference log-probs computed by the kernels (no grad)
+    equal the reference's own, and so do loss and gradients."""
+    batch = make_batch(2, 13, 24, 120, torch.float64, seed=43)
+    ref_batch = make_batch(2, 13, 32, 120, torch.float64, seed=44)  # another model: its own H
+    options = dict(alpha=0.0, beta=0.1, gamma=0.0, average_log_prob=False, ld_alpha=0.5)
+    target = batch[2]
+
+    def run(backend, dtype, dev):
+        W, h, b = (t.to(device=dev, dtype=dtype) for t in (batch[0], batch[1], batch[3]))
+        rW, rh = (t.to(device=dev, dtype=dtype) for t in (ref_batch[0], ref_batch[1]))
+        return loss_and_grads(lambda W, h, b: alphapo.alphapo_loss(
+            W, h, target.to(dev), b, ref_hidden=rh, ref_weight=rW, backend=backend, **options), W, h, b, seed=2)
+
+    ref, ref_grads = run("reference", torch.float64, "cpu")
+    out, grads = run("triton", torch.float32, device)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert_grads_close(grads, ref_grads, TOL[torch.float32], "ref model")

@@ -253,3 +253,33 @@ def test_alpha_reward_past_the_cap_is_the_tangent(alpha):
     values = alpha_reward(grid, alpha)
     assert torch.isfinite(values).all() and torch.isfinite(values.float()).all()
     assert (values.diff() >= 0).all(), "the reward must stay non-decreasing in the log-prob"
+
+
+@pytest.mark.parametrize("coef", [0.3, 0.5, 1.7])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "discopop"])
+def test_alpha_divergence_is_the_alpha_reward_family(coef, loss_type):
+    """TRL's α-divergence score (t^(a-1) - 1)/(a - 1) on the log-ratio is f_{1-a}: at α = 0
+    it gives exactly the loss of the reverse-KL score with alpha = 1 - a."""
+    weight, hidden, target, bias = make_batch(3, 13, 16, 61, torch.float64, seed=21, peak=3.5)
+    gen = torch.Generator().manual_seed(5)
+    refs = [-8 * torch.rand(3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    common = dict(beta=0.3, gamma=0.0, loss_type=loss_type, average_log_prob=True, backend="reference")
+    fdiv, aux_f = alphapo.alphapo_loss(weight, hidden, target, bias, *refs, alpha=0.0,
+                                       f_divergence_type="alpha_divergence", f_alpha_divergence_coef=coef, **common)
+    shaped, _ = alphapo.alphapo_loss(weight, hidden, target, bias, *refs, alpha=1.0 - coef, **common)
+    assert fdiv.item() == pytest.approx(shaped.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("aot", "aot_unpaired", "sft")])
+def test_alpha_to_zero_is_continuous_for_every_loss_type(loss_type):
+    """α → 0 approaches the α = 0 loss (TRL's) for every pair loss; α ≠ 0 changes it."""
+    weight, hidden, target, bias = make_batch(2, 11, 16, 53, torch.float64, seed=23, peak=3.0)
+    gen = torch.Generator().manual_seed(7)
+    refs = [-20 * torch.rand(2, generator=gen, dtype=torch.float64) for _ in range(2)]
+    info = LOSS_TYPES[loss_type]
+    opts = dict(beta=0.2, gamma=0.0, loss_type=loss_type, average_log_prob=False, backend="reference",
+                label_smoothing=0.1 if info.smoothing != "no" else 0.0)
+    at = {a: alphapo.alphapo_loss(weight, hidden, target, bias, *refs, alpha=a, **opts)[0].item()
+          for a in (0.0, 1e-7, 0.5)}
+    assert at[1e-7] == pytest.approx(at[0.0], rel=1e-5, abs=1e-9)
+    assert at[0.5] != pytest.approx(at[0.0], rel=1e-6)
