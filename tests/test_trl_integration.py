@@ -18,6 +18,15 @@ from alphapo.training.modeling import tiny_llama  # noqa: E402
 from alphapo.training.tokenizer import build_char_tokenizer  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model: a second intra-op thread only adds hand-off latency here."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def setup():
     tok = build_char_tokenizer()
@@ -92,6 +101,34 @@ def test_train_runs_and_eval_uses_the_fused_path(setup, tmp_path):
     assert ours.model(input_ids=ids).logits.shape == (1, 3, 100) and len(calls) == 1
     unpatch_forward(ours.model)
     assert "forward" not in vars(ours.model)
+
+
+def one_step(cls, setup, tmp_path, batch, accumulate, **kwargs):
+    tok, lm, ds = setup
+    args = CPOConfig(output_dir=str(tmp_path / f"{cls.__name__}-{batch}x{accumulate}"), report_to="none",
+                     per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate, max_length=64,
+                     use_cpu=True, max_steps=1, logging_steps=1, save_strategy="no", bf16=False,
+                     gradient_checkpointing=False, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, seed=0,
+                     loss_type="sigmoid", beta=0.1, cpo_alpha=1.0)
+    trainer = cls(model=copy.deepcopy(lm), args=args, train_dataset=ds, processing_class=tok, **kwargs)
+    trainer.train()
+    return dict(trainer.model.named_parameters())
+
+
+def assert_same(a, b):
+    for name, p in a.items():
+        torch.testing.assert_close(p, b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_accumulation_is_exact_for_the_nll_term(setup, tmp_path):
+    """cpo_alpha's NLL averages over the step's chosen tokens: two micro-batches of 2 pairs
+    step as one batch of 4 (TRL's do not); alphapo_exact_accumulation=False is TRL's."""
+    whole = one_step(AlphaPOCPOTrainer, setup, tmp_path, 4, 1)
+    assert_same(one_step(AlphaPOCPOTrainer, setup, tmp_path, 2, 2), whole)
+    trl_split = one_step(CPOTrainer, setup, tmp_path, 2, 2)
+    with pytest.raises(AssertionError):
+        assert_same(trl_split, whole)
+    assert_same(one_step(AlphaPOCPOTrainer, setup, tmp_path, 2, 2, alphapo_exact_accumulation=False), trl_split)
 
 
 def test_config_mapping():
