@@ -24,6 +24,10 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "trl",
+            # TRL's PEFT path (LoRA: the reference is the adapter-disabled policy, the head
+            # frozen) is what AlphaPODPOTrainer's LoRA tests exercise; pure Python, and it
+            # needs nothing trl/transformers/accelerate do not already pull in.
+            "peft",
             "liger-kernel",
             "transformers>=4.45",
             "safetensors",
