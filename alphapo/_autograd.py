@@ -90,7 +90,7 @@ class FusedSequenceLogProbs(torch.autograd.Function):
         if shard is not None:
             target = target - shard.offset
             target = torch.where((target >= 0) & (target < weight.shape[0]), target, -1)
-        stats = backend.forward_stats(h2d, weight, bias, plan.flat_idx, target, scratch_bytes, acc, want_wpo)
+        stats = TokenStats(*backend.forward_stats(h2d, weight, bias, plan.flat_idx, target, scratch_bytes, acc, want_wpo))
         if shard is not None:
             stats = _combine_shards(stats, shard.group)
         weights = plan.weights if plan.weights is not None else torch.ones((0, 1), dtype=acc, device=h2d.device)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from ._autograd import VocabShard, _combine_shards
-from ._tokens import TokenPlan, accumulation_dtype, metric_values
+from ._tokens import TokenPlan, TokenStats, accumulation_dtype, metric_values
 from .chunked import chunk_gradients_
 from .epilogue import AlphaPOConfig, SequenceSums, pair_chunk_grad, preference_loss
 
@@ -123,6 +123,7 @@ def _forward(hidden, weight, bias, job: PairJob, needs):
         h = h2d.index_select(0, idx)
 
         z, stats, state = backend.chunk_logits(h, weight, bias, y, acc, want_wpo)
+        stats = TokenStats(*stats)
         if job.shard is not None:
             stats = _combine_shards(stats, job.shard.group)
 

@@ -289,7 +289,10 @@ def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module):
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     ref_grad = any(r is not None and r.requires_grad for r in refs) and torch.is_grad_enabled()
-    budget = opts.scratch_bytes if opts.scratch_bytes is not None else module.DEFAULT_PAIR_SCRATCH_BYTES
+    B = plan.rows // 2
+    longest = max(plan.n_host[j] + plan.n_host[B + j] for j in range(B))
+    per_token = weight.shape[0] * weight.element_size()  # one token's logits
+    budget = opts.scratch_bytes if opts.scratch_bytes is not None else module.default_pair_scratch(longest * per_token)
     chunks = chunk_pairs(plan.n_host, budget_tokens(budget, weight.shape[0], weight.element_size()))
     why = None
     if opts.filter_eps is not None:
@@ -299,7 +302,6 @@ def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module):
     elif ref_grad:
         why = "the reference log-probs require grad (the pair-chunked path differentiates the policy only)"
     elif chunks is None:
-        longest = max(plan.n_host[j] + plan.n_host[j + plan.rows // 2] for j in range(plan.rows // 2))
         why = (f"a pair has {longest} valid tokens, whose logits ({longest} x {weight.shape[0]} x "
                f"{weight.element_size()} bytes) do not fit scratch_bytes={budget}")
     if opts.path == "pair-chunked":
@@ -399,12 +401,17 @@ class AlphaPOLoss(nn.Module):
     """AlphaPO (arXiv 2501.03884) computed from last hidden states, with no logits in memory.
 
     ``loss, aux = AlphaPOLoss(...)(lin_weight, hidden, target, bias=None,
-    ref_chosen_logps=None, ref_rejected_logps=None, *, nll_num_tokens=None)`` — Liger's
-    chunked-loss call. The loss is ``mean_j loss_type(beta * (f(x_w) - f(x_l)) - gamma) +
-    nll_weight * NLL`` with ``f(x) = (1 - exp(-alpha x)) / alpha`` (``x`` at alpha = 0,
-    i.e. SimPO) and ``x`` the length-averaged log-prob (``average_log_prob=True``) or,
-    given ``ref_*_logps``, the log-ratio to the reference; alpha = 0 with
-    ``average_log_prob=False`` and reference log-probs is DPO. ``aux`` is an
+    ref_chosen_logps=None, ref_rejected_logps=None, *, ref_hidden=None, ref_weight=None,
+    ref_bias=None, nll_num_tokens=None)`` — Liger's chunked-loss call. The loss is
+    ``mean_j loss_type(beta * (f(x_w) - f(x_l)) - gamma) + nll_weight * NLL`` with
+    ``f(x) = (1 - exp(-alpha x)) / alpha`` (``x`` at alpha = 0, i.e. SimPO) and ``x`` the
+    length-averaged log-prob (``average_log_prob=True``) or, with a reference model, the
+    log-ratio to it; alpha = 0 with ``average_log_prob=False``, ``gamma=0`` and a
+    reference is DPO, and every other loss of TRL's ``DPOTrainer`` is a ``loss_type``
+    (:mod:`alphapo.pair_losses`). The reference comes as precomputed ``ref_*_logps`` (B,)
+    — averaged or summed as ``average_log_prob`` says — or as the reference model's last
+    hidden states and head (``ref_hidden`` (2B, T, H'), ``ref_weight``, ``ref_bias``), from
+    which the loss computes them without gradient and without logits. ``aux`` is an
     :class:`~alphapo.epilogue.AlphaPOOutput` of detached metrics (TRL's names through
     ``aux.to_dict()``). ``self.last_path`` names the path the last call ran
     ("pair-chunked", "recompute" or "reference"; the functional form logs it at DEBUG level
@@ -416,9 +423,14 @@ class AlphaPOLoss(nn.Module):
             ``(1/alpha)[(pi/pi_ref)**alpha - 1]`` form (see :mod:`alphapo.epilogue`).
         beta: reward scale. 2.5 and ``gamma`` 1.375 are SimPO's Llama-3-8B-Instruct recipe
             (β = 2.5, γ/β = 0.55), AlphaPO's starting point.
-        gamma: target reward margin.
-        label_smoothing: ε of the conservative sigmoid loss, in [0, 0.5].
-        loss_type: "sigmoid" (AlphaPO/SimPO), "hinge" or "ipo".
+        gamma: target reward margin; None: 1.375 for a lone "sigmoid", "hinge" or "ipo",
+            0 for the other loss types (TRL's DPO losses have none).
+        label_smoothing: ε, in [0, 0.5], of the losses that take one (sigmoid: cDPO,
+            exo_pair, robust, aot, aot_unpaired); refused where it would be ignored.
+        loss_type: "sigmoid" (AlphaPO/SimPO/DPO), "hinge", "ipo", or any other of TRL's
+            DPO losses (:data:`alphapo.pair_losses.LOSS_TYPES`), or a list of them summed
+            with ``loss_weights`` (MPO). "aot"/"aot_unpaired" couple the batch and run
+            the recompute path.
         average_log_prob: length-normalise sequence log-probs (SimPO/AlphaPO) or sum them (DPO).
         nll_weight: weight λ of the mean NLL over chosen tokens added to the loss (CPO's alpha).
         ignore_index: target value of prompt and padding positions.
@@ -439,9 +451,14 @@ class AlphaPOLoss(nn.Module):
             and rebuilds them in the backward. "auto" takes the pair-chunked path when a
             gradient is wanted and every pair's logits fit ``scratch_bytes``.
         check_finite: refuse NaN/inf in ``hidden`` (valid positions), ``lin_weight``,
-            ``bias`` and the reference log-probs with a clear error. It costs nothing
-            extra (it reads sums the metrics need, in the call's one host sync); turn it
-            off only if you check elsewhere.
+            ``bias`` and the reference log-probs, and reference log-probs that cannot be
+            this loss's (positive, or far below any average with ``average_log_prob``),
+            with a clear error. It costs nothing extra (it reads sums the metrics need, in
+            the call's one host sync); turn it off only if you check elsewhere.
+        loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+            use_weighting, ld_alpha: TRL's ``DPOConfig`` options of the same names (MPO
+            weights, f-divergence scores, DiscoPOP's τ, WPO weighting, LD-DPO's α);
+            see :class:`~alphapo.epilogue.AlphaPOConfig` and :mod:`alphapo.pair_losses`.
 
     Forward argument ``nll_num_tokens``: the count the NLL term divides the chosen tokens'
     summed NLL by (default: this call's own chosen-token count). For exact gradient

@@ -110,7 +110,7 @@ def profile_shape(name, H, V, N, dtype, device) -> dict:
                 rec["fwd"][key] = {"ms": ms, "x_gemm": ms / gemm}
             except Exception as exc:  # a variant that does not compile here is a result too
                 rec["fwd"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    lse = fused.forward_stats(h, w, None, idx, y, None, torch.float32).lse
+    lse = fused.forward_stats(h, w, None, idx, y, None, torch.float32)[0]
     coef = torch.full((N,), 1.0 / N, device=device)
     needs_only = {"dz": (False, False, False), "grad_w": (False, True, False), "grad_h": (True, False, False)}
     dz_ms = _timer(lambda: fused.backward_grads(h, w, None, idx, y, lse, coef, fused.DEFAULT_SCRATCH_BYTES, needs_only["dz"]))
@@ -127,7 +127,7 @@ def profile_shape(name, H, V, N, dtype, device) -> dict:
     # The pair-chunked path's own steps: the storing forward and the in-place dz kernel.
     z, stats, _ = fused.chunk_logits(h, w, None, y, torch.float32)
     rec["fwd_store_ms"] = _timer(lambda: fused.chunk_logits(h, w, None, y, torch.float32))
-    rec["dz_tile_ms"] = _timer(lambda: fused.logits_to_dz_(z, stats.lse, coef, y, False))
+    rec["dz_tile_ms"] = _timer(lambda: fused.logits_to_dz_(z, stats[0], coef, y, False))
     del z
 
     for path in ("pair-chunked", "recompute"):

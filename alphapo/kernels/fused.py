@@ -45,7 +45,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._tokens import TokenStats
 from .config import FWD_IMPL, GRID_WAVES, PERSISTENT_WAVES, LaunchConfig, gpu_family, launch_config
 
 try:  # host-side TMA descriptors: Triton >= 3.4
@@ -62,6 +61,11 @@ DEFAULT_SCRATCH_BYTES = 192 * 2**20
 # the 2.1 GB float32 grad_W accumulator that is ≈ 3.2 GB extra, under Liger's 4.0 GB there
 # (DESIGN.md §3); pass a smaller scratch_bytes for the lean recompute path.
 DEFAULT_PAIR_SCRATCH_BYTES = 2**30
+
+
+def default_pair_scratch(longest_pair_bytes: int) -> int:
+    """The pair-chunked budget when ``scratch_bytes`` is None: a fixed 1 GiB on GPUs."""
+    return DEFAULT_PAIR_SCRATCH_BYTES
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -412,7 +416,7 @@ def _use_tma(h2d, weight, device) -> bool:
     return aligned and weight.stride(1) == 1 and weight.stride(0) == weight.shape[1]
 
 
-def _partials(part, y, want_sq: bool) -> TokenStats:
+def _partials(part, y, want_sq: bool):
     """The splits' partial statistics (6, splits, N) combined exactly: O(splits · N)."""
     m, l, tgt, s_, q, before = part
     m_max = m.max(dim=0).values
@@ -424,17 +428,18 @@ def _partials(part, y, want_sq: bool) -> TokenStats:
     # first argmax = y: no logit above z_y anywhere, none equal to it before y's column
     hit = ((z_y >= m_max) & (z_y > before.max(dim=0).values) & (y >= 0)).float()
     lsq = torch.log((q * w * w).sum(0)) - 2.0 * torch.log(L) if want_sq else None
-    return TokenStats(lse, z_y, zbar, m_max, hit, lsq)
+    return lse, z_y, zbar, m_max, hit, lsq  # the fields of alphapo._tokens.TokenStats
 
 
 def forward_stats(h2d, weight, bias, flat_idx, target, scratch_bytes, acc_dtype, want_sq: bool = False):
-    """Per valid token: :class:`~alphapo._tokens.TokenStats`, float32 (``tgt`` 0 for target -1)."""
+    """Per valid token, float32: the fields of :class:`alphapo._tokens.TokenStats`, ``(lse,
+    tgt, zbar, zmax, hit, lsq)`` (``tgt`` 0 for target -1; ``lsq`` None unless ``want_sq``)."""
     _check(h2d, weight)
     N, (V, H) = flat_idx.numel(), weight.shape
     device = h2d.device
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        return TokenStats(empty, empty, empty, empty, empty, empty if want_sq else None)
+        return empty, empty, empty, empty, empty, (empty if want_sq else None)
     precision = _dot_precision(h2d.dtype)
     b_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
     if _use_tma(h2d, weight, device):
@@ -475,7 +480,8 @@ def chunk_logits(h, weight, bias, y, acc_dtype, want_sq: bool = False):
 
     ``h`` (n, H): the chunk's valid hidden rows, ``y`` (n,) their targets. Returns the
     logits ``z`` (n, V) in the input dtype, stored by the forward kernel as it reduces
-    each tile, their :class:`~alphapo._tokens.TokenStats` in float32, and no backend state.
+    each tile, their statistics (the fields of :class:`alphapo._tokens.TokenStats`, as
+    :func:`forward_stats`), and no backend state.
     """
     _check(h, weight)
     n, (V, H) = h.shape[0], weight.shape
