@@ -11,7 +11,9 @@ and ``target``; target ids stay global. The loss then computes, per valid token:
     lse   = m + log(all_reduce(exp(lse_r - m), SUM))      # = logsumexp over all V rows
     z[y]  = all_reduce(z_r[y - o_r] if o_r <= y < o_r + V_r else 0, SUM)   # owner's logit
 
-and in the backward, with ``dz_r = c * (onehot(y - o_r) - exp(h @ W_r.T + b_r - lse))``::
+and for the gradients (in the forward on the pair-chunked path, a chunk of pairs at a
+time; in the backward on the recompute path), with
+``dz_r = c * (onehot(y - o_r) - exp(h @ W_r.T + b_r - lse))``::
 
     grad_h   = all_reduce(dz_r @ W_r, SUM)       # the same full gradient on every rank
     grad_W_r = dz_r.T @ h,  grad_b_r = dz_r.sum(0)  # this rank's slice only
@@ -38,10 +40,12 @@ Rules (a broken one hangs the group in a collective until its timeout):
 
 * every rank of ``group`` makes the same loss calls in the same order, with the same
   ``hidden``, ``target`` and options (the loss issues collectives in forward and backward);
-* every rank runs the backward if any rank does: the backward all-reduces ``grad_h``.
-  A rank whose ``hidden`` does not require grad still joins it (it computes and discards
-  its part), but a rank on which *nothing* requires grad (no weight, bias or hidden
-  gradient, or a forward under ``torch.no_grad()``) has no backward to join;
+* every rank wants a gradient if any rank does: ``grad_h`` is all-reduced at the end of
+  the forward on the pair-chunked path and in the backward on the recompute path (then
+  every rank must run the backward). A rank whose ``hidden`` does not require grad still
+  joins it (it computes and discards its part), but a rank on which *nothing* requires
+  grad (no weight, bias or hidden gradient, or a forward under ``torch.no_grad()``) has
+  nothing to join, and would take another path than its peers (``path=`` forces one);
 * slices are non-empty and ordered by group rank; their sizes may differ.
 """
 

@@ -274,14 +274,17 @@ class _Options(NamedTuple):
     check_finite: bool = True
 
 
-def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module):
+def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module, shard=None):
     """The pair-chunked path and its chunks, or the recompute path (``(name, chunks)``).
 
     The rule: ``path="auto"`` takes the pair-chunked path when a gradient is wanted
     (grad mode on and some input requires it), the loss is pair-separable, the reference
     log-probs need no gradient, gradient filtering is off and every pair's valid tokens
-    fit ``scratch_bytes`` as one chunk of logits; otherwise it recomputes. ``path="pair-chunked"`` insists (and says
-    why it cannot), ``path="recompute"`` always recomputes.
+    fit ``scratch_bytes`` as one chunk of logits; otherwise it recomputes.
+    ``path="pair-chunked"`` insists (and says why it cannot), ``path="recompute"`` always
+    recomputes. Under vocabulary parallelism each rank's budget counts its own slice of the
+    vocabulary, and the ranks take the smallest token count of them (one all-reduce), so
+    that every rank walks the same chunks and meets its peers in each chunk's collectives.
     """
     if opts.path == "recompute":
         return "recompute", None
@@ -293,7 +296,14 @@ def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module):
     longest = max(plan.n_host[j] + plan.n_host[B + j] for j in range(B))
     per_token = weight.shape[0] * weight.element_size()  # one token's logits
     budget = opts.scratch_bytes if opts.scratch_bytes is not None else module.default_pair_scratch(longest * per_token)
-    chunks = chunk_pairs(plan.n_host, budget_tokens(budget, weight.shape[0], weight.element_size()))
+    tokens = budget_tokens(budget, weight.shape[0], weight.element_size())
+    if shard is not None:
+        import torch.distributed as dist
+
+        agreed = torch.tensor([tokens], dtype=torch.int64, device=hidden.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=shard.group)
+        tokens = int(agreed.item())
+    chunks = chunk_pairs(plan.n_host, tokens)
     why = None
     if opts.filter_eps is not None:
         why = "filter_eps (gradient filtering) skips work in the recompute path's grad_hidden kernel"
@@ -337,7 +347,7 @@ def _alphapo_loss(weight, hidden, target, bias, refs, cfg: AlphaPOConfig, opts: 
                  averaged=cfg.average_log_prob)
     plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, scan.n_tokens, scan.n_host), cfg.ld_alpha)
     module = _backend_module(backend)
-    name, chunks = _choose_path(opts, cfg, weight, hidden, bias, (ref_w, ref_l), plan, module)
+    name, chunks = _choose_path(opts, cfg, weight, hidden, bias, (ref_w, ref_l), plan, module, shard)
     if name == "pair-chunked":
         job = PairJob(plan, chunks, module, cfg, ref_w, ref_l, nll_tokens, shard, torch.is_grad_enabled())
         loss, seq, metrics = PairChunkedLoss.apply(hidden, weight, bias, job)

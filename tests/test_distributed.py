@@ -69,6 +69,10 @@ CASES = [
     Case("even-bias-sigmoid-fp64-recompute", V=12, options=dict(alpha=0.25, path="recompute")),
     Case("pair-chunks-fp32-nll", dtype=torch.float32, options=dict(alpha=0.5, nll_weight=0.4, path="pair-chunked"),
          chunk_tokens=18, seed=14),
+    # Uneven slices with one scratch_bytes for both ranks: each rank's budget holds a different
+    # token count, and the ranks must agree on one chunking (or hang in a chunk's collective).
+    Case("pair-chunks-uneven-one-budget", sizes=(3, 10), rows=8,
+         options=dict(alpha=0.25, path="pair-chunked", scratch_bytes=18 * 10 * 8), seed=16),
     Case("uneven-nobias-hinge-fp64", sizes=(3, 10), bias=False, options=dict(alpha=-1.0, loss_type="hinge"), seed=1),
     Case("uneven-bias-ipo-alpha0-fp64", sizes=(9, 4), options=dict(alpha=0.0, loss_type="ipo", gamma=0.3), seed=2),
     Case(
@@ -263,7 +267,7 @@ def reference(case: Case) -> dict:
     weight = inp["weight"].clone().requires_grad_()
     bias = inp["bias"].clone().requires_grad_() if case.bias else None
     hidden = inp["hidden"].clone().requires_grad_()
-    options = {k: v for k, v in case.options.items() if k not in ("backend", "path")}
+    options = {k: v for k, v in case.options.items() if k not in ("backend", "path", "scratch_bytes")}
     out = {}
     if case.fn == "seqlogps":
         logps = sequence_logprobs_reference(weight, hidden, inp["target"], bias, **options)
