@@ -14,19 +14,21 @@ a walk over the batch in chunks of whole pairs can finish each chunk in the forw
     backward: the saved gradients times the upstream scalar
 
 against 8·N·H·V for the recompute order (:class:`alphapo._autograd.FusedSequenceLogProbs`),
-whose backward must rebuild every logit. A backend provides ``chunk_logits`` (the chunk's logit tile, kept, with
-its ``lse``, target logit and a private state) and ``logits_to_dz_`` (the tile into
-``dz`` in place) (:mod:`alphapo.chunked`, :mod:`alphapo.kernels.fused`); the two gradient
-GEMMs are plain ``torch`` (cuBLAS on CUDA) with float32 accumulation.
+whose backward must rebuild every logit. A backend (:mod:`alphapo.chunked`,
+:mod:`alphapo.kernels.fused`) provides two steps: ``chunk_logits`` (the chunk's logit
+tile, kept, with its token statistics — lse, target logit, the metrics' — and a private
+state) and ``logits_to_dz_`` (the tile into ``dz`` in place); the two gradient GEMMs are
+plain ``torch`` (cuBLAS on CUDA) with float32 accumulation.
 
 Memory: one chunk of logits (``n × V`` in the input dtype, at most ``scratch_bytes``),
 the ``grad_W`` accumulator (V×H float32 for 16-bit weights when there are several chunks;
 for float32 weights it *is* the gradient), the chunk's hidden rows and its ``dz W``
 product (O(n·H)), and the gradients themselves, held from the forward to the backward.
 
-When it runs (:func:`chunk_pairs`): the loss is pair-separable (every ``loss_type`` here),
-some input needs a gradient, the reference log-probs do not, and each pair's valid tokens
-fit ``scratch_bytes`` as one chunk of logits. Otherwise the recompute path runs.
+When it runs (``alphapo.loss._choose_path``): the loss is pair-separable (every
+``loss_type`` but aot/aot_unpaired), some input needs a gradient, the reference log-probs
+do not, gradient filtering is off, and each pair's valid tokens fit ``scratch_bytes`` as
+one chunk of logits (:func:`chunk_pairs`). Otherwise the recompute path runs.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def _chunk_rows(plan: TokenPlan, offsets: list[int], j0: int, j1: int):
 
 
 def _forward(hidden, weight, bias, job: PairJob, needs):
-    """Sequence sums (2B,) and the gradients of the whole loss (None where not needed)."""
+    """Sequence sums (2B, K), metric sums (2B, M) and the gradients of the whole loss
+    (None where not needed)."""
     need_h, need_w, need_b = needs
     plan, backend = job.plan, job.backend
     B, T, H = plan.rows // 2, plan.T, hidden.shape[-1]

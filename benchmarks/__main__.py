@@ -27,9 +27,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
 
 # The --quick stand-ins are ~1000× smaller than real heads; the alphapo backends' scratch
-# budget shrinks with them (64 MiB → 1 MiB) so that it stays a small fraction of the
-# logits it replaces, as at full size (64 MiB vs 8.4 GB at Llama-3-8B, 4 × 2048).
-QUICK_SCRATCH_BYTES = 2**20
+# budget shrinks with them so that a chunk holds one pair, as the GPU default does at
+# Llama-3-8B (1 GiB for a pair of 2 × 2048): 16 MiB is one pair of 2 × 128 float32 tokens
+# at the wider stand-in (V = 16,384), two at V = 8,192 — the pair-chunked path, with the
+# recompute path's chunks small beside the logits they replace.
+QUICK_SCRATCH_BYTES = 16 * 2**20
 
 
 def _csv(text):
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available; --quick: cpu)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
     p.add_argument("--name", help="file stem of the outputs (default: <device>-<date>)")
-    p.add_argument("--scratch-mb", type=float, help="alphapo scratch budget in MiB (default: 1 for --quick, else the backend's)")
+    p.add_argument("--scratch-mb", type=float, help="alphapo scratch budget in MiB (default: 16 for --quick, else the backend's)")
     p.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
     p.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
                    help="run each provider in its own process (auto: on CPU, for peak RSS)")  # fmt: skip
