@@ -175,6 +175,22 @@ def test_precomputed_reference(setup, tmp_path):
     assert_runs_agree(runs)
 
 
+def test_reference_loaded_by_trl(setup, tmp_path):
+    """ref_model=None without PEFT: TRL loads the reference from the policy's path itself,
+    after the constructor's first patch; it gets the fused forward too."""
+    lm = setup[1]
+    lm.save_pretrained(tmp_path / "policy")
+    runs = []
+    for cls in (DPOTrainer, AlphaPODPOTrainer):
+        model = type(lm).from_pretrained(tmp_path / "policy")
+        trainer = make(cls, setup, tmp_path, ref=False, model=model)
+        assert trainer.ref_model is not None
+        if cls is AlphaPODPOTrainer:
+            forbid_logits(trainer)
+        runs.append(train_and_evaluate(trainer))
+    assert_runs_agree(runs)
+
+
 def test_defaults_of_trl_bf16_autocast_and_checkpointing(setup, tmp_path):
     """TRL's own defaults on a CPU: bf16 autocast, gradient checkpointing, AdamW. bf16
     rounding (in each trainer's own GEMMs) keeps the agreement to ~1e-2."""
