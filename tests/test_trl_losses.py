@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="needs trl (DPOTrainer)")
+pytest.importorskip("trl", reason="needs trl (DPOTrainer)")
 
 from trl import DPOTrainer  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402

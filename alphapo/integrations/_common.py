@@ -30,7 +30,6 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..loss import AlphaPOLoss
