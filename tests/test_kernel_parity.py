@@ -288,3 +288,28 @@ def test_reference_model_through_the_fused_path(device):
     out, grads = run("triton", torch.float32, device)
     assert rel_err(out, ref) < TOL[torch.float32]
     assert_grads_close(grads, ref_grads, TOL[torch.float32], "ref model")
+
+
+@pytest.mark.parametrize("path", ["pair-chunked", "recompute"])
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+def test_frozen_inputs(frozen, path, device):
+    """A frozen head (LoRA) or frozen hidden states: the other gradient still exact."""
+    weight, hidden, target, bias = make_batch(2, 11, 24, 90, torch.float64, seed=47)
+    grad = {"head": (False, True, False), "hidden": (True, False, True)}[frozen]
+    options = dict(alpha=0.25, nll_weight=0.2)
+
+    def run(backend, dtype, dev, **kw):
+        leaves = [t.detach().to(device=dev, dtype=dtype).clone().requires_grad_(g)
+                  for t, g in zip((weight, hidden, bias), grad)]
+        loss, _ = alphapo.alphapo_loss(leaves[0], leaves[1], target.to(dev), leaves[2], backend=backend,
+                                       **options, **kw)
+        loss.backward()
+        return loss, [t.grad for t in leaves]
+
+    ref, ref_grads = run("reference", torch.float64, "cpu")
+    out, grads = run("triton", torch.float32, device, path=path)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    for g, want, needed in zip(grads, ref_grads, grad):
+        assert (g is None) == (not needed)
+        if needed:
+            assert rel_err(g, want) < TOL[torch.float32]

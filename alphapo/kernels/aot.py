@@ -54,15 +54,15 @@ def _signatures(dtype: torch.dtype, family: str):
         yield "dz_tile", fused._dz_tile_kernel, {
             "z_ptr": p, "y_ptr": "*i64:16", "lse_ptr": "*fp32:16", "coef_ptr": "*fp32:16", "db_ptr": "*fp32:16",
             "N": "i32", "V": "i32", "ROWS_PER_PROGRAM": "i32:16", "stride_zn": "i32:16", "stride_dbn": "i32:16",
-        }, dict(HAS_BIAS=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n), c
+        }, dict(NEED_DB=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n), c
         c = cfgs["dz"]
         yield "dz", fused._dz_kernel, {
             **stats, "lse_ptr": "*fp32:16", "coef_ptr": "*fp32:16", "dz_ptr": p, "db_ptr": "*fp32:16",
             "tile_max_ptr": "*fp32:16",
             "N": "i32", "V": "i32", "H": "i32:16", "v_lo": "i32:16", "V_S": "i32", **strides,
             "stride_dzn": "i32:16", "stride_dbn": "i32:16", "stride_tmn": "i32",
-        }, dict(HAS_BIAS=has_bias, FILTER=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n, BLOCK_H=c.block_k,
-                DOT_PRECISION=precision), c
+        }, dict(HAS_BIAS=has_bias, NEED_DB=has_bias, FILTER=has_bias, BLOCK_N=c.block_m, BLOCK_V=c.block_n,
+                BLOCK_H=c.block_k, DOT_PRECISION=precision), c
     if family == "sm90" and dtype != torch.float32:  # TMA forward: Hopper+, 16-bit inputs
         c = cfgs["fwd_tma"]
         yield "fwd_tma", fused._lse_fwd_tma_kernel, {

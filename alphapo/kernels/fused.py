@@ -236,10 +236,12 @@ def _dz_kernel(
     # strides
     stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_dbn, stride_tmn,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dz[n, v - v_lo] = coef_n (1[v = y_n] - exp(z_nv - lse_n)) for v in [v_lo, v_lo + V_S)."""
+    """dz[n, v - v_lo] = coef_n (1[v = y_n] - exp(z_nv - lse_n)) for v in [v_lo, v_lo + V_S);
+    ``HAS_BIAS``: the logits carry a bias; ``NEED_DB``: also write its gradient's partials
+    (a frozen bias is still part of the logits)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,7 +263,7 @@ def _dz_kernel(
     mask = mask_n[:, None] & mask_v[None, :]
     dz_ptrs = dz_ptr + offs_n[:, None].to(tl.int64) * stride_dzn + offs_s[None, :]
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
+    if NEED_DB:
         # Per-block column sums in float32, reduced in a fixed order on the host side.
         col = tl.sum(tl.where(mask, dz, 0.0), axis=0)
         tl.store(db_ptr + pid_n * stride_dbn + offs_s, col, mask=mask_v)
@@ -279,11 +281,11 @@ def _dz_tile_kernel(
     # strides
     stride_zn, stride_dbn,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """z[n, v] <- coef_n (1[v = y_n] - exp(z_nv - lse_n)), in place: the pair-chunked
     forward's stored logits become dz. Each program owns ROWS_PER_PROGRAM rows of one
-    column block, so that with a bias its column sums of dz (float32) are one partial per
+    column block, so that for the bias gradient its column sums of dz (float32) are one partial per
     program, reduced in a fixed order on the host side (no atomics)."""
     pid_r = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -302,9 +304,9 @@ def _dz_tile_kernel(
         coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
         dz = coef[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
         tl.store(ptrs, dz.to(z_ptr.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
+        if NEED_DB:
             col += tl.sum(tl.where(mask, dz, 0.0), axis=0)
-    if HAS_BIAS:
+    if NEED_DB:
         tl.store(db_ptr + pid_r * stride_dbn + offs_v, col, mask=mask_v)
 
 
@@ -515,7 +517,7 @@ def logits_to_dz_(z, lse, coef, y, need_b: bool, state=None):
         z, y, lse, coef.to(torch.float32).contiguous(), db if need_b else lse,
         n, V, rows_per_program,
         z.stride(0), db.stride(0) if need_b else 0,
-        HAS_BIAS=need_b, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n,
+        NEED_DB=need_b, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return db.sum(0) if need_b else None
@@ -578,7 +580,8 @@ def backward_grads(h2d, weight, bias, flat_idx, target, lse, coef, scratch_bytes
             N, V, H, v_lo, width,
             h2d.stride(0), h2d.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
             db.stride(0) if need_b else 0, tile_max.stride(0) if filtering else 0,
-            HAS_BIAS=need_b, FILTER=filtering, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_k,
+            HAS_BIAS=bias is not None, NEED_DB=need_b, FILTER=filtering, BLOCK_N=cfg.block_m, BLOCK_V=cfg.block_n,
+            BLOCK_H=cfg.block_k,
             DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         dz_s = dz[:, :width]
