@@ -61,7 +61,9 @@ PERSISTENT_WAVES = 8
 # before the target), which keep more tiles live: at 128×128 ptxas (Triton 3.9) spilled
 # 44-128 bytes on sm_90 and 584-1284 on sm_80, at 128×64×64 (8 warps, 3 stages, 72 KiB of
 # shared memory) nothing on either. float32 (64×64×32 spilled 60 and 244 bytes) takes
-# 32×64×32. Whether a separate pass over the stored tile for those statistics beats the
+# 32×64×32. Every shipped variant also compiles without spills, and with tensor-core
+# instructions for 16-bit inputs, under Triton 3.6 (the lent GPUs' image; checked with its
+# wheel and alphapo.kernels.aot, 2026-12-02). Whether a separate pass over the stored tile for those statistics beats the
 # narrower tile is for a lent GPU to measure (docs/perf-notes.md).
 _FWD_16 = LaunchConfig(128, 64, 64, 8, 3)
 _FWD_32 = LaunchConfig(32, 64, 32, 4, 2)
