@@ -106,21 +106,27 @@ def _stats(z, y, acc_dtype, want_sq: bool, keep_e: bool):
     out = {k: torch.empty(n, dtype=acc_dtype, device=z.device) for k in ("lse", "zbar", "zmax")}
     out["hit"] = torch.empty(n, dtype=torch.bool, device=z.device)
     out["lsq"] = torch.empty(n, dtype=acc_dtype, device=z.device) if want_sq else None
+    scratch = None
     for sl in _blocks(n, z.shape[1]):
         block = z[sl]
-        # float32 (float64) inputs: z - m in place (z is not needed again, e replaces it);
-        # 16-bit ones: a float copy of the block.
-        zf = block.to(acc_dtype)
+        zf = block.to(acc_dtype)  # the block itself for float32 (float64) inputs
         m = zf.amax(dim=-1)
         out["hit"][sl] = _first_argmax_hits(zf, m, tgt[sl], y[sl])
-        zf = zf.sub_(m[:, None])
-        e = zf.exp()
+        if zf is block and keep_e:
+            # z - m into one reused buffer, exp(z - m) straight back into the tile: no copy
+            if scratch is None:
+                scratch = torch.empty_like(block)
+            e, zf = block, torch.sub(block, m[:, None], out=scratch[: block.shape[0]])
+            torch.exp(zf, out=e)
+        else:
+            zf = zf.sub_(m[:, None])
+            e = zf.exp()
         l = e.sum(-1)
         out["lse"][sl], out["zmax"][sl] = m + torch.log(l), m
         out["zbar"][sl] = m + _rowdot(e, zf) / l
         if want_sq:
             out["lsq"][sl] = torch.log(_rowdot(e, e)) - 2.0 * torch.log(l)
-        if keep_e:
+        if keep_e and e is not block:
             block.copy_(e)
     return TokenStats(out["lse"], tgt, out["zbar"], out["zmax"], out["hit"].to(acc_dtype), out["lsq"])
 

@@ -73,7 +73,7 @@ def resolve(args, argv=None):
     preset = "quick" if args.quick else args.preset
     if args.device:
         device = torch.device(args.device)
-    elif preset in ("quick", "smoke"):
+    elif preset in ("quick", "smoke", "cpu-check"):
         device = torch.device("cpu")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

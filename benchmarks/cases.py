@@ -55,6 +55,7 @@ SHAPES = {
     "mistral-7b": Shape("Mistral-7B", 4096, 32768),
     "standin-8k": Shape("stand-in H=128 V=8192", 128, 8192, "Llama-3-8B (narrow H, V ≫ H)"),
     "standin-16k": Shape("stand-in H=64 V=16384", 64, 16384, "Gemma-2-2B (wide V)"),
+    "cpu-h512": Shape("CPU side-by-side H=512 V=16384", 512, 16384, "the CPU comparison of the 6·N·H·V issue"),
     "tiny": Shape("tiny H=32 V=512", 32, 512, "smoke tests"),
 }
 
@@ -328,6 +329,9 @@ def preset_cases(preset: str) -> list[Case]:
       four heads at 4×2048 in the two key variants (full/flat, ragged/peaked), then
       2×1024 and the remaining variants.
     * ``full``: every head × {4×2048, 2×1024} × every variant, and the sweep to 32 pairs.
+    * ``cpu-check``: the CPU side-by-side of the 6·N·H·V issue — H = 512, V = 16,384, 2,048
+      positions as 4 pairs × 256 and 1 pair × 1024, full and ragged masks (run it with
+      ``--isolate none`` for times taken side by side in one process, in fp32 and bf16).
     """
     if preset == "quick":
         return _grid(("standin-8k", "standin-16k"), [(2, 128)], VARIANTS) + _sweep("standin-8k", 128, (1, 2, 4, 8))
@@ -341,12 +345,14 @@ def preset_cases(preset: str) -> list[Case]:
         return first + sweep + second + small + rest
     if preset == "full":
         return _grid(REAL_SHAPES, [(4, 2048), (2, 1024)], VARIANTS) + _sweep("llama3-8b", 2048, (1, 2, 8, 16, 32))
+    if preset == "cpu-check":
+        return _grid(("cpu-h512",), [(4, 256), (1, 1024)], (("full", "flat"), ("ragged", "flat")))
     if preset == "smoke":
         return [Case("tiny", 2, 16, "ragged", "peaked"), Case("tiny", 1, 16, "full", "flat", group="sweep", accuracy=False)]
     raise ValueError(f"unknown preset {preset!r}; known: {PRESETS}")
 
 
-PRESETS = ("quick", "gpu", "full", "smoke")
+PRESETS = ("quick", "gpu", "full", "smoke", "cpu-check")
 
 
 def select(cases, shapes=None, masks=None, logits=None, batches=None, groups=None):
