@@ -61,6 +61,9 @@ def parse_args(argv=None):
                    help="CPU intra-op threads (default 1: on a shared machine more threads than idle cores "
                         "turn OpenMP barriers into the measurement; 0 = torch's default)")  # fmt: skip
     p.add_argument("--cpu-time-s", type=float, default=0.4, help="CPU timer: seconds of calls per measurement")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="with --isolate none on a CPU: re-time fwd+bwd round-robin over the providers, ROUNDS "
+                        "rounds (side by side, so machine drift hits every provider alike)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="print the cases and providers, then exit")
@@ -97,7 +100,7 @@ def resolve(args, argv=None):
         print("warning: /proc peak-RSS reset unavailable; CPU memory numbers will include earlier cases", file=sys.stderr)
     opts = harness.RunOptions(
         preset=preset, device=device, dtype=dtype, providers=names, scratch_bytes=scratch, isolate=isolate,
-        time_budget_s=args.time_budget, cpu_budget_s=args.cpu_time_s,
+        time_budget_s=args.time_budget, cpu_budget_s=args.cpu_time_s, interleave_rounds=args.interleave,
         threads=(1 if args.threads is None else args.threads or None) if device.type == "cpu" else None,
         command=" ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
     )  # fmt: skip

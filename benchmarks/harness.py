@@ -446,6 +446,28 @@ def measure(fn, weight, hidden, target, ref: Reference | None, device: torch.dev
     return out
 
 
+def interleave_times(fns: dict, results: dict, batch, rounds: int) -> None:
+    """Re-time fwd+bwd of every provider of one case round-robin: each round calls each
+    provider once, in an order rotated every round, so a machine that slows down for a while
+    slows every provider alike. The rounds' median, 20th and 80th percentiles replace the
+    ``fwd_bwd_*`` times, ``fwd_bwd_min_ms`` is the fastest round (on a shared CPU, the
+    minimum is the least disturbed figure)."""
+    w = batch.weight.detach().requires_grad_()
+    h = batch.hidden.detach().requires_grad_()
+    names = list(fns)
+    samples = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            loss = fns[name](w, h, batch.target)
+            torch.autograd.grad(loss, (h, w))
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    for name in names:
+        med, p20, p80 = _quantiles(samples[name])
+        results[name].update(fwd_bwd_ms=med, fwd_bwd_p20_ms=p20, fwd_bwd_p80_ms=p80, fwd_bwd_min_ms=min(samples[name]),
+                             timing=f"interleaved, {rounds} rounds")
+
+
 def measure_safely(name, opts: P.BuildOptions, fn_cache: dict, weight, hidden, target, ref, cpu_budget_s) -> dict:
     """:func:`measure` with the provider built (or taken from ``fn_cache``); failures
     become ``status`` skipped / oom / error with the reason, never an exception."""
@@ -487,6 +509,7 @@ class RunOptions:
     isolate: bool = False  # CPU: each provider in its own process (peak RSS per provider)
     time_budget_s: float | None = None
     cpu_budget_s: float = 0.4  # CPU timer: seconds of calls per measurement (≥ 3 calls)
+    interleave_rounds: int = 0  # CPU, in one process: re-time fwd+bwd round-robin over the providers
     threads: int | None = None  # CPU: intra-op threads for every provider and the floor (None: torch's)
     command: str = ""
     on_record: object = None  # callable(record) after each record (progress, incremental save)
@@ -594,6 +617,7 @@ def _run_in_process(cases, opts, deadline) -> list[dict]:
             _skip_all(case, names, opts, records, _budget_reason(opts, "before this case"))
             continue
         batch, info, refs = prepare_case(case, opts)
+        results = {}
         for name in names:
             rec = base_record(case, name, opts, info["n_valid"])
             key = (name, case.shape)
@@ -608,6 +632,11 @@ def _run_in_process(cases, opts, deadline) -> list[dict]:
                 )
                 if result["status"] == "oom":
                     oom_at[key] = min(case.N, oom_at.get(key, case.N))
+            results[name] = (rec, result)
+        if opts.interleave_rounds and opts.device.type == "cpu":
+            interleave_times({n: fn_cache[n] for n, (_, r) in results.items() if r["status"] == "ok"},
+                             {n: r for n, (_, r) in results.items()}, batch, opts.interleave_rounds)
+        for rec, result in results.values():
             _emit(opts, finish_record(rec, result, info), records)
         del batch, refs
         gc.collect()

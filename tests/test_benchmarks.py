@@ -317,3 +317,28 @@ def test_cli_writes_every_field(tmp_path):
     assert "Skipped: alphapo-triton" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+
+
+def test_peak_memory_tool_reports_each_provider(capsys):
+    """``python -m benchmarks.peak_memory``: one JSON line per provider, each from its own process."""
+    from benchmarks import peak_memory
+
+    peak_memory.main(["--H", "32", "--V", "512", "--B", "1", "--T", "16", "--providers", "alphapo-torch,reference",
+                      "--threads", "1"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["provider"] for r in lines] == ["alphapo-torch", "reference"]
+    for r in lines:
+        assert "error" not in r, r
+        assert r["extra_mb"] >= 0 and r["with_grads_mb"] >= r["extra_mb"] and r["commit"]
+    assert lines[0]["path"] == "pair-chunked" and lines[1]["path"] == "materialised"
+
+
+def test_interleaved_cpu_timing_round_robin():
+    """--interleave: the providers' fwd+bwd re-timed round-robin in one process."""
+    opts = harness.RunOptions("smoke", CPU, torch.float32, ["alphapo-torch", "reference"], isolate=False,
+                              cpu_budget_s=0.01, interleave_rounds=4, env={"device": "cpu"})
+    records = harness.run([Case("tiny", 2, 16)], opts)
+    assert [r["provider"] for r in records] == ["alphapo-torch", "reference"]
+    for r in records:
+        assert r["status"] == "ok" and r["timing"] == "interleaved, 4 rounds"
+        assert 0 < r["fwd_bwd_min_ms"] <= r["fwd_bwd_p20_ms"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_p80_ms"]
