@@ -41,9 +41,10 @@ recompute path; every other loss is a function of one pair.
 TRL's α-divergence score ``φ(r) = (e^{(a-1) r} - 1)/(a - 1)`` with ``a =
 f_alpha_divergence_coef`` is the α reward family itself: ``φ = f_{1-a}`` (``-expm1((a-1) r)
 / (1-a)``); ``f_divergence_type="alpha_divergence"`` at α = 0 therefore equals
-``f_divergence_type="reverse_kl"`` with ``alpha = 1 - a`` (tested). Both are computed with
-the same tangent continuation past an exponent of :data:`~alphapo.epilogue.EXP_CAP`
-(TRL clamps the exponent at 80 instead: the two differ only beyond e^30).
+``f_divergence_type="reverse_kl"`` with ``alpha = 1 - a`` (tested) while the exponent
+``(a-1)·r`` stays below :data:`~alphapo.epilogue.EXP_CAP` = 30. Past it they part: the α
+reward continues along its tangent, the score keeps TRL's curve up to TRL's clamp of the
+exponent at 80 (:data:`ALPHA_DIVERGENCE_CAP`) and is constant beyond, as in TRL.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ batch lies there (|α x| > 30 — e.g. α ≥ 10 with summed log-probs, or α·x
 α, whose reward then saturates towards ``1/|α|`` with gradient e^{-|α x|} → 0), the loss
 no longer changes with α. ``AlphaPOOutput.tangent_fraction`` reports the share of
 sequences past the cap."""
+
+
+ALPHA_DIVERGENCE_CAP = 80.0
+ALPHA_DIVERGENCE_CAP_FP16 = 11.0
+"""TRL's clamp on the α-divergence score's exponent (float32/bfloat16, float16), kept so
+that ``f_divergence_type="alpha_divergence"`` is TRL's score everywhere, not only below
+EXP_CAP."""
 
 
 class LossType(NamedTuple):
@@ -126,7 +134,13 @@ def f_divergence_score(r: torch.Tensor, kind: str, coef: float) -> torch.Tensor:
         return math.log(2.0) + F.logsigmoid(r)
     if abs(coef - 1.0) < 1e-6:  # alpha_divergence at a = 1 is reverse KL
         return r
-    return alpha_reward(r, 1.0 - coef)  # (t^(a-1) - 1) / (a - 1) = f_{1-a}(r)
+    # (t^(a-1) - 1) / (a - 1) = f_{1-a}(r), in TRL's form: its exponent clamped at 80 (11 in
+    # float16), the curve up to there and constant past it. Not alpha_reward's tangent past
+    # EXP_CAP = 30: an exponent in (30, 80] is a log-ratio of only -60 at a = 0.5.
+    exponent = (coef - 1.0) * r
+    cap = ALPHA_DIVERGENCE_CAP_FP16 if r.dtype == torch.float16 else ALPHA_DIVERGENCE_CAP
+    wide = exponent.to(torch.promote_types(exponent.dtype, torch.float32))
+    return torch.expm1(wide.clamp(max=cap)).to(r.dtype) / (coef - 1.0)
 
 
 class PairInputs(NamedTuple):

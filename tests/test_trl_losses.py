@@ -345,3 +345,23 @@ def test_alpha_divergence_is_the_alpha_reward(case32, loss_type, coef):
     loss_o, grads_o, _ = run_ours(case32, alpha=1.0 - coef, **ours_cfg(cfg))
     assert rel_err(loss_o, loss_t) < 1e-5
     assert rel_err(grads_o[1], grads_t[1]) < 1e-5 and rel_err(grads_o[0], grads_t[0]) < 1e-5
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "robust"])
+def test_alpha_divergence_large_log_ratios_match_trl(loss_type):
+    """A chosen log-ratio near -117 (a policy far from its reference): TRL's exponent (a - 1)·r
+    passes 30, where the α reward leaves its curve for the tangent, but not TRL's clamp at
+    80: the score must still be TRL's curve."""
+    case = make_case(B=3, T=10, H=16, V=37, dtype=torch.float32, seed=2)
+    weight, hidden, bias = case.policy
+    case.policy = (6.0 * weight, hidden, bias)
+    case.ref = (-6.0 * weight, hidden, bias)  # every token's log-ratio is tens of nats
+    cfg = dict(loss_type=loss_type, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5,
+               label_smoothing=smoothing_for(loss_type))
+    logps = head_fields(*case.policy, case.target)["log_probs"].sum(1)
+    ref_logps = head_fields(*case.ref, case.target)["log_probs"].sum(1)
+    exponent = -0.5 * (logps - ref_logps)
+    chosen = exponent[:3]
+    assert ((chosen > 30) & (chosen < 80)).any()
+    # e^t turns float32 rounding of the log-ratio (~1e-6 of 117) into ~1e-5 of the score.
+    assert_matches_trl(case, cfg, tol=1e-4)
