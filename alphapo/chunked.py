@@ -38,16 +38,23 @@ from ._tokens import TokenStats
 # Recompute path: 64 MiB (1,024 fp32 rows at V = 16,384, 110 at V = 151,936). Pair-chunked
 # path: the longest pair's logits, kept within [64, 128] MiB — so that a pair of
 # 2 × 1,024 tokens still fits at V = 16,384 in float32 (and the whole loss stays
-# 6·N·H·V), while a short-pair batch holds no more than it needs; a pair beyond 128 MiB
-# takes the recompute path.
+# 6·N·H·V), while a short-pair batch holds no more than it needs — and, once the batch's
+# valid-token logits exceed 128 MiB, within 40% of them (not below 64 MiB): the chunk then
+# stays well under half of what a method that materialises the logits holds, e.g. two
+# pairs of 2 × 512 tokens at (H, V) = (4096, 32,000) take the recompute path (a 125 MiB
+# pair against 250 MiB of logits) where one pair's chunk would hold half of them. A pair
+# beyond the budget takes the recompute path.
 DEFAULT_SCRATCH_BYTES = 64 * 2**20
 PAIR_SCRATCH_RANGE = (64 * 2**20, 128 * 2**20)
+PAIR_SCRATCH_SHARE = 0.4
 
 
-def default_pair_scratch(longest_pair_bytes: int) -> int:
-    """The pair-chunked budget when ``scratch_bytes`` is None: see PAIR_SCRATCH_RANGE."""
+def default_pair_scratch(longest_pair_bytes: int, batch_bytes: int) -> int:
+    """The pair-chunked budget when ``scratch_bytes`` is None, from the logits of the
+    longest pair and of the whole batch (valid tokens): see PAIR_SCRATCH_RANGE."""
     lo, hi = PAIR_SCRATCH_RANGE
-    return min(max(int(longest_pair_bytes), lo), hi)
+    cap = hi if batch_bytes <= hi else min(max(int(PAIR_SCRATCH_SHARE * batch_bytes), lo), hi)
+    return min(max(int(longest_pair_bytes), lo), cap)
 
 
 # Rows per block of the float32 reductions: ~2 MiB of float32 temporaries, one L2.

@@ -295,7 +295,9 @@ def _choose_path(opts: _Options, cfg, weight, hidden, bias, refs, plan, module, 
     B = plan.rows // 2
     longest = max(plan.n_host[j] + plan.n_host[B + j] for j in range(B))
     per_token = weight.shape[0] * weight.element_size()  # one token's logits
-    budget = opts.scratch_bytes if opts.scratch_bytes is not None else module.default_pair_scratch(longest * per_token)
+    budget = opts.scratch_bytes
+    if budget is None:
+        budget = module.default_pair_scratch(longest * per_token, sum(plan.n_host) * per_token)
     tokens = budget_tokens(budget, weight.shape[0], weight.element_size())
     if shard is not None:
         import torch.distributed as dist

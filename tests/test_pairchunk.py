@@ -59,6 +59,36 @@ def test_chunk_pairs_packs_whole_pairs_in_order():
     assert budget_tokens(8 * 100 * 4, 100, 4) == 8
 
 
+MiB = 2**20
+
+
+@pytest.mark.parametrize(
+    "H, V, pairs, positions, path",
+    [
+        (512, 16384, 1, 1024, "pair-chunked"),  # the whole batch is one 128 MiB pair
+        (512, 16384, 4, 256, "pair-chunked"),
+        (4096, 32000, 4, 256, "pair-chunked"),  # one 62.5 MiB pair per 64 MiB chunk
+        (4096, 32000, 2, 512, "recompute"),  # one pair would be half the batch's logits
+        (4096, 32000, 1, 1024, "recompute"),  # a 250 MiB pair
+        (896, 151936, 16, 64, "pair-chunked"),  # one 74 MiB pair per chunk of 1.2 GB
+        (896, 151936, 4, 256, "recompute"),
+    ],
+)
+def test_default_pair_budget_keeps_a_chunk_under_half_the_logits(H, V, pairs, positions, path):
+    """The default budget: the longest pair within [64, 128] MiB, and within 40% of the
+    batch's logits once they pass 128 MiB (float32, every position valid)."""
+    from alphapo.chunked import default_pair_scratch
+
+    per_token = V * 4
+    pair, batch = 2 * positions * per_token, 2 * pairs * positions * per_token
+    budget = default_pair_scratch(pair, batch)
+    assert 64 * MiB <= budget <= 128 * MiB
+    fits = chunk_pairs([positions] * (2 * pairs), budget_tokens(budget, V, 4)) is not None
+    assert fits == (path == "pair-chunked")
+    if fits and batch > 128 * MiB:
+        assert budget <= max(0.4 * batch, 64 * MiB)
+
+
 def test_auto_takes_the_pair_chunked_path_when_a_gradient_is_wanted():
     batch = make_batch(3, 17, 24, 101, torch.float32, seed=1)
     weight, hidden, target, bias = batch

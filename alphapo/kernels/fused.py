@@ -63,7 +63,7 @@ DEFAULT_SCRATCH_BYTES = 192 * 2**20
 DEFAULT_PAIR_SCRATCH_BYTES = 2**30
 
 
-def default_pair_scratch(longest_pair_bytes: int) -> int:
+def default_pair_scratch(longest_pair_bytes: int, batch_bytes: int) -> int:
     """The pair-chunked budget when ``scratch_bytes`` is None: a fixed 1 GiB on GPUs."""
     return DEFAULT_PAIR_SCRATCH_BYTES
 
