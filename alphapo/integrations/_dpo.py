@@ -29,7 +29,8 @@ a list, MPO) with ``loss_weights``, ``label_smoothing``, ``f_divergence_type``,
   completion-mask count, one more when the prompt is empty (the first token is never
   scored). The values differ only for such rows; a warning says when one is seen.
 * ``use_weighting`` with ``"sft"``: TRL raises (an in-place product on an expanded
-  tensor); here the pair losses are weighted and the ``sft`` term is not.
+  tensor); here the pair losses are weighted and the ``sft`` term is not. With ``"hinge"``
+  TRL raises too (the product overwrites ReLU's output); here it is TRL's formula.
 * Gradient accumulation: the ``"sft"`` NLL term averages over the chosen tokens of the
   whole optimizer step (all micro-batches and ranks), as one big batch would
   (``alphapo_exact_accumulation=True``, the default); TRL averages it per micro-batch.
