@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..epilogue import AlphaPOConfig
 from ..loss import BACKENDS
+from ..pair_losses import LOSS_TYPES
 from . import checkpoint as C
 from . import data as D
 from . import parallel as P
@@ -71,7 +73,7 @@ class TrainConfig:
     alpha: float = knob(0.25, "reward shape f(s) = (1 - exp(-alpha s)) / alpha; 0 is SimPO")
     beta: float = knob(2.5, "reward scale")
     gamma: float = knob(1.375, "target reward margin")
-    label_smoothing: float = knob(0.0, "conservative sigmoid loss epsilon, in [0, 0.5]")
+    label_smoothing: float = knob(0.0, "conservative sigmoid loss epsilon, in [0, 0.5] (sigmoid only)")
     loss_type: str = knob("sigmoid", "pair loss", ("sigmoid", "hinge", "ipo"))
     nll_weight: float = knob(0.0, "weight of the chosen-token NLL added to the loss (CPO's alpha)")
     average_log_prob: bool = knob(True, "length-normalised sequence log-probs (SimPO/AlphaPO); off: summed")
@@ -196,6 +198,15 @@ def _check_together(cfg: TrainConfig) -> None:
         if (cfg.n_embd // cfg.n_head) % 2:
             raise ConfigError(f"n_embd / n_head = {cfg.n_embd // cfg.n_head}: rotary embeddings need an even head "
                               "size (--n-embd, --n-head)")
+    if cfg.label_smoothing > 0 and LOSS_TYPES[cfg.loss_type].smoothing == "no":
+        raise ConfigError(f"label_smoothing (--label-smoothing) {cfg.label_smoothing} has no effect on --loss-type "
+                          f"{cfg.loss_type} (only sigmoid is smoothed): leave it at 0, or use --loss-type sigmoid")
+    try:  # whatever else the loss would refuse, refused now rather than after seconds of loading
+        AlphaPOConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
+                      loss_type=cfg.loss_type, average_log_prob=cfg.average_log_prob, nll_weight=cfg.nll_weight)
+    except ValueError as e:
+        raise ConfigError(f"loss knobs (--alpha, --beta, --gamma, --label-smoothing, --loss-type, --nll-weight): "
+                          f"{e}") from None
     if not cfg.train_file and cfg.batch_size > cfg.train_size:
         raise ConfigError(f"batch_size ({cfg.batch_size}) exceeds the built-in task's train_size "
                           f"({cfg.train_size}): lower --batch-size or raise --train-size")

@@ -39,6 +39,10 @@ def test_config_file_then_flags(tmp_path):
     pytest.param(["--gamma=-inf"], "gamma (--gamma) must be a finite number", id="gamma-inf"),
     pytest.param(["--label-smoothing", "0.7"], "label_smoothing (--label-smoothing) must be a finite number in "
                  "[0, 0.5]", id="smoothing"),
+    pytest.param(["--label-smoothing", "0.1", "--loss-type", "hinge"], "label_smoothing (--label-smoothing) 0.1 "
+                 "has no effect on --loss-type hinge", id="smoothing-hinge"),
+    pytest.param(["--label-smoothing", "0.1", "--loss-type", "ipo"], "has no effect on --loss-type ipo",
+                 id="smoothing-ipo"),
     pytest.param(["--adam-beta2", "1"], "adam_beta2 (--adam-beta2) must be a finite number in [0, 1)", id="beta2"),
     pytest.param(["--grad-clip", "nan"], "grad_clip (--grad-clip) must be a finite number >= 0", id="clip-nan"),
     pytest.param(["--nll-weight", "-1"], "nll_weight (--nll-weight) must be a finite number >= 0", id="nll"),
