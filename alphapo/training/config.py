@@ -334,8 +334,13 @@ def parse_config(argv=None) -> TrainConfig:
 def resume_changes(saved: dict, cfg: TrainConfig, step: int) -> list[dict]:
     """What ``cfg`` changes of the saved run's config at ``step``: ``[{"step", "knob", "from", "to"}]``.
 
-    Raises :class:`ConfigError` on a FIXED knob that differs.
+    Raises :class:`ConfigError` on a FIXED knob that differs, and on a ``max_steps`` below
+    ``step``: those steps are trained already, and a shorter run would be recorded but never run.
     """
+    if cfg.max_steps < step:
+        raise ConfigError(f"--resume: max_steps (--max-steps) {cfg.max_steps} is below step {step}, where the run "
+                          f"resumes: its steps up to {step} are trained already; give --max-steps {step} or more "
+                          "(or resume an earlier checkpoint)")
     changes = []
     for f in fields(cfg):
         if f.name not in saved or saved[f.name] == getattr(cfg, f.name):

@@ -247,6 +247,17 @@ def test_resume_refuses_a_different_model_or_data(tmp_path, capsys, finished_run
     assert (run / "config.json").read_text() == before and checkpoints_of(run) == ["step-000002", "step-000004"]
 
 
+def test_resume_refuses_a_max_steps_below_the_step_it_resumes_at(tmp_path, capsys, finished_run):
+    """A shorter run would be recorded (config.json, a config_change) yet never run."""
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    before = (run / "config.json").read_text(), (run / "metrics.jsonl").read_text()
+    assert cli.main(["--resume", str(run), "--max-steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "max_steps (--max-steps) 2 is below step 4" in err and "Traceback" not in err, err
+    assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
+
+
 def test_resume_applies_and_records_a_new_learning_rate_and_alpha(tmp_path, capsys, finished_run):
     run = tmp_path / "R"
     shutil.copytree(finished_run, run)
