@@ -46,8 +46,11 @@ class CheckpointError(ValueError):
 # a fresh one with mkdir (exactly one process creates a given name), an explicit one by
 # creating config.json exclusively. Two runs started together never share a directory.
 
-# What a run writes into its directory; a directory with any of these holds a run.
+# What a run writes into its directory; a directory with any of these holds a run, or
+# another program's files of the same names, which --overwrite must not delete.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "plot.png", "latest", "checkpoints")
+# Knobs every run's config.json holds: what tells it from another program's config.json.
+RUN_CONFIG_KEYS = ("alpha", "beta", "max_steps", "out_dir", "resume")
 
 
 def run_of(checkpoint: Path) -> Path | None:
@@ -57,6 +60,17 @@ def run_of(checkpoint: Path) -> Path | None:
 
 def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is an alphapo-train run: its ``config.json``, ``latest`` or checkpoints say so."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        if isinstance(config, dict) and all(key in config for key in RUN_CONFIG_KEYS):
+            return True
+    except (OSError, ValueError):
+        pass
+    return _read_latest(path)[0] is not None or any((p / "trainer_state.json").is_file() for p in _checkpoints(path))
 
 
 def describe_run(path: Path) -> str:
@@ -77,6 +91,19 @@ def check_run_dir(run_dir: Path | None, resumed: Path | None, overwrite: bool) -
     if same and overwrite:
         raise CheckpointError(f"--overwrite would delete {run_dir}, the run being resumed; leave it out to "
                               "continue that run, or give a new --out-dir")
+    # A checkpoint, or a run's checkpoints/, is part of a run: writing a run into it would
+    # replace the checkpoint's own config.json (and --overwrite delete it).
+    if _is_checkpoint(run_dir) or (run_dir.name == "checkpoints" and is_run(run_dir.parent)):
+        checkpoint = _is_checkpoint(run_dir)
+        what = "a checkpoint" if checkpoint else f"the checkpoints directory of the run {run_dir.parent}"
+        raise CheckpointError(f"--out-dir {run_dir} is {what}, not a run directory: choose another --out-dir "
+                              f"(to continue from it: --resume {run_dir if checkpoint else run_dir.parent})")
+    if holds_run(run_dir) and not same and not is_run(run_dir):
+        found = ", ".join(name for name in RUN_FILES if (run_dir / name).exists())
+        raise CheckpointError(
+            f"--out-dir {run_dir} holds {found}, but not an alphapo-train run: its files would be "
+            f"{'deleted (--overwrite replaces only a run)' if overwrite else 'overwritten'}; choose another "
+            "--out-dir, or an empty one")
     if holds_run(run_dir) and not same and not overwrite:
         raise CheckpointError(
             f"--out-dir {run_dir} already holds a run ({describe_run(run_dir)}): continue it with "
@@ -220,8 +247,8 @@ def find_checkpoint(path) -> tuple[Path, list[str]]:
     if not ((path / "latest").is_file() or (path / "checkpoints").is_dir()):
         raise CheckpointError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run directory "
                               "(latest, checkpoints/)")
-    notes = []
-    latest = _read_latest(path)
+    latest, problem = _read_latest(path)
+    notes = [problem] if problem else []
     if latest is not None and not latest.is_dir():
         notes.append(f"latest names {os.path.relpath(latest, path)}, which does not exist")
     below = _step_of(latest) if latest is not None and latest.is_dir() else None
@@ -245,15 +272,28 @@ def _is_checkpoint(path: Path) -> bool:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint ``latest`` names, if it exists."""
-    latest = _read_latest(run_dir)
+    latest = _read_latest(run_dir)[0]
     return latest if latest is not None and latest.is_dir() else None
 
 
-def _read_latest(run_dir: Path) -> Path | None:
+def _read_latest(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint ``latest`` names, and what is wrong with ``latest`` if anything.
+
+    Only a ``checkpoints/step-N`` of this run counts: a ``latest`` edited to name another
+    run's checkpoint would have this run continue, unseen, in that one.
+    """
+    path = run_dir / "latest"
+    if not path.exists():
+        return None, None
     try:
-        return run_dir / (run_dir / "latest").read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path}: unreadable ({type(e).__name__}); ignored"
+    name = text[len("checkpoints/"):] if text.startswith("checkpoints/") else ""
+    if not (name.startswith("step-") and name[5:].isdigit()):
+        shown = text if len(text) < 80 else text[:77] + "..."
+        return None, f"{path} holds {shown!r}, not a checkpoint of this run (checkpoints/step-N); ignored"
+    return run_dir / "checkpoints" / name, None
 
 
 def _checkpoints(run_dir: Path, below: int | None = None) -> list[Path]:

@@ -101,6 +101,44 @@ def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
     assert "step-000002" not in checkpoints_of(run)
 
 
+def tree_of(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_what_is_not_a_run(tmp_path, capsys, finished_run):
+    """--overwrite replaces a run; another program's config.json and checkpoints/, a checkpoint
+    or a run's checkpoints/ are refused, with or without it, and left as they were."""
+    mine = tmp_path / "project"
+    (mine / "checkpoints" / "epoch-3").mkdir(parents=True)
+    (mine / "config.json").write_text('{"model": "mine"}')
+    (mine / "checkpoints" / "epoch-3" / "weights.bin").write_bytes(b"precious")
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    cases = [(mine, "holds config.json, checkpoints, but not an alphapo-train run"),
+             (run / "checkpoints" / "step-000004", "is a checkpoint, not a run directory"),
+             (run / "checkpoints", f"is the checkpoints directory of the run {run}")]
+    before = tree_of(tmp_path)
+    for out_dir, message in cases:
+        for extra in ([], ["--overwrite"]):
+            assert cli.main(["--out-dir", str(out_dir), *extra, *flags(TINY)]) == 1
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, err
+    assert tree_of(tmp_path) == before
+
+
+def test_latest_naming_another_runs_checkpoint_is_ignored(tmp_path, capsys, finished_run):
+    """Resuming R must continue R, not the run an edited ``latest`` points into."""
+    run, other = tmp_path / "R", tmp_path / "other"
+    shutil.copytree(finished_run, run)
+    shutil.copytree(finished_run, other)
+    (run / "latest").write_text(f"{other / 'checkpoints' / 'step-000004'}\n")
+    before = tree_of(other)
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "not a checkpoint of this run" in out and f"resumed from {run / 'checkpoints' / 'step-000004'}" in out
+    assert checkpoints_of(run) == ["step-000004", "step-000005"] and tree_of(other) == before
+
+
 def run_meanwhile(monkeypatch, cfg) -> list[dict]:
     """Make the next run start, and finish, a run of ``cfg`` while it loads its own model."""
     real, inner = build.build_model, []
