@@ -140,6 +140,41 @@ def claim_run_dir(run_dir: Path | None, resumed: Path | None, overwrite: bool, c
     return run_dir
 
 
+# One process per run directory: a run holds an exclusive flock on <run>/.lock from before
+# it loads until it ends. The kernel drops the lock when the process ends, however it ends
+# (Ctrl-C, SIGKILL, a crash), so a lock is never stale. Without it two `--resume R` at once
+# both trained in R, interleaving their metrics and checkpoints and rotating away the
+# checkpoint the other was loading, and both exited 0.
+LOCK = ".lock"
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold ``run_dir`` for this process: an open file whose closing releases it (a context manager).
+
+    Raises :class:`CheckpointError` if another process holds it. Where ``fcntl`` is missing
+    (Windows) nothing is locked and None is returned.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the exclusive claim of config.json still holds
+        return None
+    lock = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise CheckpointError(f"{run_dir} is in use by another alphapo-train process"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to end, or give this "
+                              "run another --out-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def newer_checkpoints(run_dir: Path, step: int) -> list[str]:
     """The checkpoints of ``run_dir`` past ``step``: left by the run before it was resumed earlier."""
     return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (_step_of(p) or 0) > step)

@@ -20,6 +20,7 @@ checkpoint with ``--resume``; :func:`train` runs it to ``max_steps`` and returns
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -88,8 +89,13 @@ class Window:
 # Setup
 
 
-def start(cfg: TrainConfig, log) -> Run:
-    """Process group, tokenizer, data, model, optimizer; with ``--resume``, their saved state."""
+def start(cfg: TrainConfig, log, held: contextlib.ExitStack | None = None) -> Run:
+    """Process group, tokenizer, data, model, optimizer; with ``--resume``, their saved state.
+
+    ``held``: takes the run directory's lock (:func:`~alphapo.training.checkpoint.lock_run_dir`),
+    released when it closes; None: when the process ends.
+    """
+    held = held if held is not None else contextlib.ExitStack()
     par = init_process(cfg)
     if not par.is_main:
         log = lambda *args: None  # noqa: E731
@@ -106,6 +112,9 @@ def start(cfg: TrainConfig, log) -> Run:
     # None: a fresh one, named when it is claimed.
     run_dir = Path(cfg.out_dir) if cfg.out_dir else resumed
     C.check_run_dir(run_dir, resumed, cfg.overwrite)  # before seconds of loading, not after
+    locked = par.is_main and run_dir is not None and run_dir.is_dir()
+    if locked:  # before loading, too: no other run may rotate away the checkpoint this one loads
+        held.enter_context(C.lock_run_dir(run_dir) or contextlib.nullcontext())
 
     # Tokenizer, data and model. A resumed run takes all three from the checkpoint's
     # directory and the same files, so it sees the same token ids and the same batches.
@@ -122,6 +131,8 @@ def start(cfg: TrainConfig, log) -> Run:
     # file or model path leaves nothing behind. Rank 0 claims it, every rank learns where.
     if par.is_main:
         run_dir = C.claim_run_dir(run_dir, resumed, cfg.overwrite, dataclasses.asdict(cfg))
+        if not locked:  # a directory this run created: no other run can have claimed it
+            held.enter_context(C.lock_run_dir(run_dir) or contextlib.nullcontext())
         for name in C.clean_incomplete(run_dir):
             log(f"removed {name}: left behind by a save that was interrupted")
     run_dir = Path(P.broadcast(str(run_dir), par))
@@ -195,28 +206,29 @@ def train(cfg: TrainConfig, log=print) -> dict:
 def _train(cfg: TrainConfig, log) -> dict:
     t_start = time.time()
     check_config(cfg)
-    run = start(cfg, log)
-    if not any("eval_loss" in r for r in run.metrics.history):  # the summary's "before"
-        before = evaluate(run)
-        run.metrics.record({"step": run.step, **before})
-        run.log(f"step {run.step}: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
-                f"chosen log-prob {before['eval_logps/chosen']:.3f}")
-    progress = R.Progress(cfg, run.step, run.log, run.par)
-    window = Window()
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-    try:
-        while run.step < cfg.max_steps:
-            loss, grad_norm, step_metrics, tokens = train_step(run)
-            finite = update(run, loss, grad_norm, progress)
-            run.step += 1
-            window.tokens += tokens
-            if finite:
-                window.add({"loss": loss, "grad_norm": grad_norm.double(), **step_metrics})
-            window = after_step(run, window, progress, t_start)
-    finally:
-        progress.close()
-    return finish(run, time.time() - t_start)
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+        run = start(cfg, log, held)
+        if not any("eval_loss" in r for r in run.metrics.history):  # the summary's "before"
+            before = evaluate(run)
+            run.metrics.record({"step": run.step, **before})
+            run.log(f"step {run.step}: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
+                    f"chosen log-prob {before['eval_logps/chosen']:.3f}")
+        progress = R.Progress(cfg, run.step, run.log, run.par)
+        window = Window()
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        try:
+            while run.step < cfg.max_steps:
+                loss, grad_norm, step_metrics, tokens = train_step(run)
+                finite = update(run, loss, grad_norm, progress)
+                run.step += 1
+                window.tokens += tokens
+                if finite:
+                    window.add({"loss": loss, "grad_norm": grad_norm.double(), **step_metrics})
+                window = after_step(run, window, progress, t_start)
+        finally:
+            progress.close()
+        return finish(run, time.time() - t_start)
 
 
 def train_step(run: Run):

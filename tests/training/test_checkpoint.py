@@ -170,6 +170,25 @@ def test_an_out_dir_taken_by_another_run_meanwhile_is_refused(tmp_path, monkeypa
     assert inner[0]["steps"] == 2 and (tmp_path / "R" / "latest").read_text().strip() == "checkpoints/step-000002"
 
 
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, capsys, finished_run):
+    """Two `--resume R` at once both trained in R, interleaving metrics and checkpoints."""
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    before = tree_of(run)
+    lock = C.lock_run_dir(run)  # as a run of another process holds it (flock: per open file)
+    try:
+        for argv in (["--resume", str(run)], ["--resume", str(run / "checkpoints" / "step-000002")],
+                     ["--out-dir", str(run), "--overwrite", *flags(TINY)]):
+            assert cli.main([*argv, "--max-steps", "6", "--no-progress"]) == 1
+            err = capsys.readouterr().err
+            assert f"{run} is in use by another alphapo-train process (pid " in err and "Traceback" not in err, err
+        assert tree_of(run) == before
+    finally:
+        lock.close()  # the other process ends: the directory is free again
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
+    assert cli.main(["--resume", str(run), "--max-steps", "6", "--no-progress"]) == 0  # released at the end
+
+
 # ---------------------------------------------------------------------------------------
 # Damaged checkpoints
 
