@@ -43,6 +43,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many steps had a non-finite loss or gradient."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while the run trained; the message says what there is to continue from."""
+
+
 @dataclass
 class Run:
     """A run in progress: its parts, and where it stands (``step``, ``nonfinite``)."""
@@ -208,16 +212,16 @@ def _train(cfg: TrainConfig, log) -> dict:
     check_config(cfg)
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
         run = start(cfg, log, held)
-        if not any("eval_loss" in r for r in run.metrics.history):  # the summary's "before"
-            before = evaluate(run)
-            run.metrics.record({"step": run.step, **before})
-            run.log(f"step {run.step}: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
-                    f"chosen log-prob {before['eval_logps/chosen']:.3f}")
         progress = R.Progress(cfg, run.step, run.log, run.par)
         window = Window()
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         try:
+            if not any("eval_loss" in r for r in run.metrics.history):  # the summary's "before"
+                before = evaluate(run)
+                run.metrics.record({"step": run.step, **before})
+                progress.say(f"step {run.step}: held-out reward accuracy {before['eval_rewards/accuracies']:.1%}, "
+                             f"chosen log-prob {before['eval_logps/chosen']:.3f}")
             while run.step < cfg.max_steps:
                 loss, grad_norm, step_metrics, tokens = train_step(run)
                 finite = update(run, loss, grad_norm, progress)
@@ -226,6 +230,8 @@ def _train(cfg: TrainConfig, log) -> dict:
                 if finite:
                     window.add({"loss": loss, "grad_norm": grad_norm.double(), **step_metrics})
                 window = after_step(run, window, progress, t_start)
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_at(run)) from None
         finally:
             progress.close()
         return finish(run, time.time() - t_start)
@@ -308,6 +314,19 @@ def retry_advice(run: Run) -> str:
     # Skipped steps do not update the weights, so every checkpoint holds finite ones.
     return (f"resume from the last checkpoint ({latest}) with a lower learning rate: "
             f"--resume {run.run_dir} {lower}")
+
+
+def interrupted_at(run: Run) -> str:
+    """Where an interrupted run stands, and what to continue it from."""
+    latest = C.latest_checkpoint(run.run_dir)
+    if latest is not None:
+        return (f"interrupted at step {run.step}; continue with --resume {run.run_dir} (from its checkpoint "
+                f"{latest.name})")
+    if run.cfg.resume:
+        return (f"interrupted at step {run.step}, before this run's first checkpoint; continue with --resume "
+                f"{run.cfg.resume}")
+    return (f"interrupted at step {run.step}, before the first checkpoint: nothing to resume; start again "
+            f"(--out-dir {run.run_dir} --overwrite reuses its directory)")
 
 
 def after_step(run: Run, window: Window, progress: R.Progress, t_start: float) -> Window:

@@ -356,6 +356,31 @@ def test_resume_runs_remote_code_only_when_this_invocation_allows_it(tmp_path, f
     assert seen == [False]
 
 
+@pytest.mark.parametrize("save_every, message", [
+    pytest.param(2, "interrupted at step 3; continue with --resume {run} (from its checkpoint step-000002)",
+                 id="after-a-checkpoint"),
+    pytest.param(0, "interrupted at step 3, before the first checkpoint: nothing to resume", id="before-any"),
+])
+def test_ctrl_c_says_what_to_continue_from(tmp_path, capsys, monkeypatch, save_every, message):
+    """Not "continue with --resume <run dir>" whatever there is (or is not) to resume."""
+    real, calls = modeling.fused_forward, {"n": 0}
+
+    def ctrl_c_on_fourth_training_step(lm, *args, **kwargs):
+        calls["n"] += lm.training
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(lm, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "fused_forward", ctrl_c_on_fourth_training_step)
+    run = tmp_path / "R"
+    assert cli.main(["--out-dir", str(run), *flags({**TINY, "max_steps": 6, "save_every": save_every})]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("alphapo-train: ") and message.format(run=run) in err and "Traceback" not in err, err
+    if save_every:
+        monkeypatch.setattr(modeling, "fused_forward", real)
+        assert cli.main(["--resume", str(run), "--no-progress"]) == 0
+
+
 def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, capsys, finished_run):
     """A crash mid-append leaves a cut line in metrics.jsonl; resuming must not trip over it."""
     run = tmp_path / "R"
