@@ -93,8 +93,12 @@ class Progress:
         # The bar writes to stderr and the messages to stdout: both must be a terminal.
         self.terminal = self.shown and log is print and sys.stdout.isatty() and sys.stderr.isatty()
         self.every = max(cfg.log_every, math.ceil(cfg.max_steps / 20))
-        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.terminal, dynamic_ncols=True,
-                        desc="train")
+        # A terminal that reports no size (a fresh pseudo-terminal is 0 x 0: CI runners,
+        # `script`, Python's pty) gets a fixed 80 x 24: tqdm draws a bar sized 0 x 0 as nothing.
+        sized = self.terminal and min(_size(sys.stderr)) > 0
+        fixed = {} if sized else {"ncols": 80, "nrows": 24}
+        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.terminal, dynamic_ncols=sized,
+                        desc="train", **fixed)
 
     def step(self, entry: dict | None = None) -> None:
         """One step done; ``entry``: its training record, if one was logged."""
@@ -115,6 +119,14 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _size(stream) -> tuple[int, int]:
+    """(columns, rows) of the terminal ``stream`` writes to; 0 for what it does not report."""
+    try:
+        return tuple(os.get_terminal_size(stream.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import sys
+
+import pytest
 
 from tiny_runs import quiet, tiny_config
 
@@ -32,6 +36,28 @@ def test_the_bar_is_drawn_only_on_a_terminal(monkeypatch):
         progress = R.Progress(cfg, 0, print, par)
         assert progress.bar.disable is (not terminal)
         progress.close()
+
+
+def test_the_bar_shows_on_a_terminal_that_reports_no_size(monkeypatch):
+    """A fresh pseudo-terminal (CI runners, ``script``, Python's ``pty``) reports 0 x 0: a bar
+    sized to it is drawn as empty lines, leaving no progress on screen at all."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()  # 0 columns, 0 rows until someone sets them
+    with os.fdopen(slave, "w", buffering=1) as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        progress = R.Progress(TrainConfig(max_steps=4), 0, print, Parallel("none", 0, 1, None, owns_group=False))
+        for _ in range(4):
+            progress.step()
+        progress.close()
+    drawn = b""
+    while select.select([master], [], [], 0.1)[0]:
+        try:
+            drawn += os.read(master, 4096)
+        except OSError:  # the other end is closed: all read
+            break
+    os.close(master)
+    assert b"train: 100%" in drawn and b"4/4" in drawn, drawn
 
 
 def test_a_resumed_run_says_how_many_steps_it_ran(tmp_path, capsys):
