@@ -105,10 +105,12 @@ def check_run_dir(run_dir: Path | None, resumed: Path | None, overwrite: bool) -
             f"{'deleted (--overwrite replaces only a run)' if overwrite else 'overwritten'}; choose another "
             "--out-dir, or an empty one")
     if holds_run(run_dir) and not same and not overwrite:
+        resumable = any(True for _ in _checkpoints(run_dir))
         raise CheckpointError(
-            f"--out-dir {run_dir} already holds a run ({describe_run(run_dir)}): continue it with "
-            f"--resume {run_dir}, choose another --out-dir, or pass --overwrite to replace it (its checkpoints "
-            "and metrics are deleted)")
+            f"--out-dir {run_dir} already holds a run ({describe_run(run_dir)}"
+            f"{'' if resumable else ': it stopped before its first checkpoint, so there is nothing to resume'}): "
+            f"{f'continue it with --resume {run_dir}, ' if resumable else ''}choose another --out-dir, or pass "
+            "--overwrite to replace it (its checkpoints and metrics are deleted)")
 
 
 def claim_run_dir(run_dir: Path | None, resumed: Path | None, overwrite: bool, config: dict,

@@ -89,6 +89,17 @@ def test_a_directory_holding_a_run_is_refused_until_resumed_or_overwritten(tmp_p
     assert cli.main(["--resume", str(run), "--max-steps", "4", "--no-progress"]) == 0
 
 
+def test_a_run_without_a_checkpoint_is_not_offered_for_resuming(tmp_path, capsys):
+    run = tmp_path / "R"
+    assert cli.main(["--out-dir", str(run), *flags({**TINY, "max_steps": 2, "save_every": 0})]) == 0
+    shutil.rmtree(run / "checkpoints")  # as if it had stopped before its first checkpoint
+    (run / "latest").unlink()
+    assert cli.main(["--out-dir", str(run), *flags(TINY)]) == 1
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint, so there is nothing to resume" in err and "--resume" not in err, err
+    assert "--overwrite" in err
+
+
 def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
     """Resumed from an older checkpoint with --keep-last 1: the newer ones of the first pass
     must not make rotation delete the checkpoint just written."""
