@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..loss import AlphaPOLoss
+from . import checkpoint as C
 from . import data as D
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
@@ -81,6 +82,28 @@ def load_data(cfg: TrainConfig, tokenizer, log):
             log(f"warning: {w.message}")
         out.append(pairs)
     return out
+
+
+def data_digests(cfg: TrainConfig) -> dict[str, str]:
+    """The SHA-256 of each data file (``train_file``, ``eval_file``): a run's data by content.
+
+    A resumed run must see the pairs it trained on; the same path is not enough, since a
+    file edited in place (preferences flipped, rows added) would train on other pairs
+    unseen. (One read of each file, at SHA-256's 1-2 GB/s.)
+    """
+    return {name: C.sha256_file(Path(getattr(cfg, name))) for name in ("train_file", "eval_file")
+            if getattr(cfg, name)}
+
+
+def check_same_data(saved: dict, data: dict, checkpoint: Path) -> None:
+    """Refuse to resume on data files whose content differs from the run's (``saved["data"]``)."""
+    for name, digest in saved["data"].items():
+        if data.get(name, digest) != digest:
+            path = saved["config"].get(name)
+            raise D.DataError(
+                f"--resume: {path} ({name}) has changed since the run trained on it (its SHA-256 differs from the "
+                f"one in {checkpoint / 'trainer_state.json'}): a resumed run keeps its data; restore the file, or "
+                "start a new run to train on the new one")
 
 
 def build_tokenizer(cfg: TrainConfig, checkpoint: Path | None):

@@ -212,11 +212,12 @@ def _step_of(path: Path) -> int | None:
 
 
 def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, par: P.Parallel, *, step: int,
-                    nonfinite: int, config: dict, changes: list[dict], keep_last: int) -> Path:
+                    nonfinite: int, config: dict, changes: list[dict], data: dict, keep_last: int) -> Path:
     """Checkpoint ``step`` into ``run_dir/checkpoints/step-N`` and point ``latest`` at it.
 
-    ``config``: the knobs in force; ``changes``: the run's knob changes on resume so far
-    (both go into ``trainer_state.json``, which a resume reads).
+    ``config``: the knobs in force; ``changes``: the run's knob changes on resume so far;
+    ``data``: the SHA-256 of its data files (all three go into ``trainer_state.json``, which
+    a resume reads).
     """
     model_state = P.full_model_state(wrapper, par)  # None: the model is whole, save_pretrained reads it
     optimizer_state = P.optimizer_state(wrapper, optimizer, par)
@@ -239,8 +240,8 @@ def save_checkpoint(run_dir: Path, wrapper, tokenizer, optimizer, scheduler, par
     if par.world_size > 1:
         state["rng_ranks"] = rng_ranks  # each rank's generators, restored rank by rank on resume
     torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config, "changes": changes},
-                                                       indent=1))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config, "changes": changes,
+                                                        "data": data}, indent=1))
     write_checksums(tmp)  # last: a checkpoint with checksums is a complete one
     old = ckpt_root / f".old-{final.name}-{os.getpid()}"
     if final.exists():  # the same step saved again (a resumed run): move the old one aside first
@@ -365,7 +366,7 @@ CHECKSUMS = "checksums.sha256"
 _verified: set[tuple] = set()  # checkpoints verified by this process, as (path, files' size and mtime)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -375,7 +376,7 @@ def _sha256(path: Path) -> str:
 
 def write_checksums(ckpt: Path) -> None:
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    lines = [f"{_sha256(p)}  {p.relative_to(ckpt).as_posix()}\n" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(ckpt).as_posix()}\n" for p in files]
     (ckpt / CHECKSUMS).write_text("".join(lines))
 
 
@@ -404,7 +405,7 @@ def verify_checkpoint(ckpt: Path) -> None:
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed in {manifest.name})")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: damaged (its SHA-256 differs from the one written with the checkpoint)")
     _verified.add(key)
 
@@ -414,12 +415,14 @@ def verify_checkpoint(ckpt: Path) -> None:
 
 
 def saved_run(checkpoint: Path) -> dict:
-    """``trainer_state.json``: the checkpoint's ``step``, the ``config`` it was trained with, and
-    the ``changes`` of knobs made on resume before it."""
+    """``trainer_state.json``: the checkpoint's ``step``, the ``config`` it was trained with, the
+    ``changes`` of knobs made on resume before it and the SHA-256 of its ``data`` files (empty
+    for a checkpoint written before they were recorded)."""
     path = checkpoint / "trainer_state.json"
     try:
         saved = json.loads(path.read_text())
-        return {"step": int(saved["step"]), "config": dict(saved["config"]), "changes": saved.get("changes", [])}
+        return {"step": int(saved["step"]), "config": dict(saved["config"]), "changes": saved.get("changes", []),
+                "data": dict(saved.get("data", {}))}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 

@@ -67,6 +67,7 @@ class Run:
     step: int = 0
     nonfinite: int = 0
     changes: list[dict] = field(default_factory=list)  # knobs changed on resume, at their step
+    data: dict = field(default_factory=dict)  # SHA-256 of the data files, saved with each checkpoint
     resumed_at: int | None = None  # the step this invocation resumed at; None: a fresh run
 
     @property
@@ -111,6 +112,9 @@ def start(cfg: TrainConfig, log, held: contextlib.ExitStack | None = None) -> Ru
             log(f"warning: {note}")
         saved = C.saved_run(checkpoint)
         changes = resume_changes(saved["config"], cfg, saved["step"])  # refuses another model or data
+    data = B.data_digests(cfg)
+    if saved is not None:
+        B.check_same_data(saved, data, checkpoint)  # the same files, and the same content in them
     resumed = C.run_of(checkpoint) if checkpoint is not None else None
     # The run continues in the directory it resumes (unless --out-dir says otherwise);
     # None: a fresh one, named when it is claimed.
@@ -144,7 +148,7 @@ def start(cfg: TrainConfig, log, held: contextlib.ExitStack | None = None) -> Ru
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer, scheduler = B.build_optimizer(cfg, params)
     run = Run(cfg, par, log, autocast, run_dir, tokenizer, train_batches, eval_batches, wrapper, params,
-              optimizer, scheduler, metrics=None)
+              optimizer, scheduler, metrics=None, data=data)
     if checkpoint is not None:
         run.step, run.nonfinite = C.restore(checkpoint, wrapper, optimizer, scheduler, par)
         run.resumed_at = run.step
@@ -360,7 +364,7 @@ def after_step(run: Run, window: Window, progress: R.Progress, t_start: float) -
     if saving:
         C.save_checkpoint(run.run_dir, run.wrapper, run.tokenizer, run.optimizer, run.scheduler, run.par, step=step,
                           nonfinite=run.nonfinite, config=dataclasses.asdict(cfg), changes=run.changes,
-                          keep_last=cfg.keep_last)
+                          data=run.data, keep_last=cfg.keep_last)
     return window
 
 

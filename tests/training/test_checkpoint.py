@@ -326,6 +326,25 @@ def test_resume_refuses_a_max_steps_below_the_step_it_resumes_at(tmp_path, capsy
     assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
 
 
+def test_resume_refuses_a_data_file_edited_since(tmp_path, capsys):
+    """The same --train-file path with other content (here every preference flipped) is other data."""
+    from alphapo.training.data import builtin_task
+
+    data = tmp_path / "prefs.jsonl"
+    records = builtin_task(80, 0)[0]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = tmp_path / "R"
+    assert cli.main(["--out-dir", str(run), "--train-file", str(data), *flags({**TINY, "max_steps": 2})]) == 0
+    data.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                            for r in records))
+    assert cli.main(["--resume", str(run), "--max-steps", "3", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"--resume: {data} (train_file) has changed since the run trained on it" in err and "Traceback" not in err
+    assert checkpoints_of(run) == ["step-000002"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))  # restored: the run goes on
+    assert cli.main(["--resume", str(run), "--max-steps", "3", "--no-progress"]) == 0
+
+
 def test_resume_applies_and_records_a_new_learning_rate_and_alpha(tmp_path, capsys, finished_run):
     run = tmp_path / "R"
     shutil.copytree(finished_run, run)
