@@ -130,14 +130,15 @@ PARSERS = {"int": int, "float": float, "str": str}
 # does one of three things. FIXED: refused, since the model, the data and the batches of
 # a run are its identity (the weights come from the checkpoint whatever --n-embd says).
 # CHANGEABLE: applied from the resume step on and recorded as a change at that step (in
-# metrics.jsonl, the checkpoints and the summary). NOT_INHERITED: this invocation's alone,
+# metrics.jsonl, the checkpoints and the summary): the loss and optimisation knobs, and the
+# precision and backend, which change the numerics. NOT_INHERITED: this invocation's alone,
 # never taken from the saved config (--trust-remote-code runs code: only when asked for
 # now). Every other knob (device, logging, checkpoint cadence) is inherited unless given.
 FIXED = ("model", "tokenizer", "n_layer", "n_embd", "n_head", "disable_dropout", "train_file", "eval_file",
          "train_size", "eval_size", "max_length", "max_prompt_length", "truncation", "loss_type",
          "average_log_prob", "batch_size", "grad_accum", "seed", "param_dtype")
 CHANGEABLE = ("alpha", "beta", "gamma", "label_smoothing", "nll_weight", "max_steps", "lr", "min_lr_ratio",
-              "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip")
+              "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip", "precision", "backend")
 NOT_INHERITED = ("trust_remote_code", "out_dir", "resume", "overwrite")
 
 

@@ -370,6 +370,16 @@ def test_resume_applies_and_records_a_new_learning_rate_and_alpha(tmp_path, caps
     assert len([r for r in records_of(run) if "config_change" in r]) == 2
 
 
+def test_resume_records_a_change_of_the_numerics(tmp_path, capsys, finished_run):
+    """Another backend or precision computes other numbers: applied, and said so, like --lr."""
+    run = tmp_path / "R"
+    shutil.copytree(finished_run, run)
+    assert cli.main(["--resume", str(run), "--max-steps", "5", "--backend", "reference", "--no-progress"]) == 0
+    assert "backend auto -> reference" in capsys.readouterr().out
+    assert {"knob": "backend", "from": "auto", "to": "reference", "step": 4} in json.loads(
+        (run / "summary.json").read_text())["changes"]
+
+
 def test_resume_runs_remote_code_only_when_this_invocation_allows_it(tmp_path, finished_run, monkeypatch):
     run = tmp_path / "R"
     shutil.copytree(finished_run, run)
