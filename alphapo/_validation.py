@@ -9,45 +9,54 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# What the messages call (weight, hidden, bias): the policy's head and states by default;
+# the reference model's are checked with REF_NAMES, so that a NaN in ref_hidden is not
+# reported as one in the policy's hidden.
+NAMES = ("lin_weight", "hidden", "bias")
+REF_NAMES = ("ref_weight", "ref_hidden", "ref_bias")
 
-def check_inputs(weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None, paired=True):
+
+def check_inputs(weight, hidden, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None, paired=True,
+                 names=NAMES):
     """Check shapes, dtypes and devices (no host sync). Returns ``(B, T, H, V)``.
 
-    ``paired=False`` accepts any non-zero number of rows (plain sequence batches).
+    ``paired=False`` accepts any non-zero number of rows (plain sequence batches);
+    ``names``: what the messages call ``(weight, hidden, bias)``.
     """
-    for name, t in (("lin_weight", weight), ("hidden", hidden), ("target", target)):
+    w_, h_, b_ = names
+    for name, t in ((w_, weight), (h_, hidden), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape (2B, T, H), got {tuple(hidden.shape)}")
+        raise ValueError(f"{h_} must have shape (2B, T, H), got {tuple(hidden.shape)}")
     rows, T, H = hidden.shape
     if paired and (rows == 0 or rows % 2):
         raise ValueError(
-            f"hidden must hold an even, non-zero number of rows (B chosen then B rejected), got {rows}"
+            f"{h_} must hold an even, non-zero number of rows (B chosen then B rejected), got {rows}"
         )
     if rows == 0:
-        raise ValueError("hidden must hold at least one row, got 0")
+        raise ValueError(f"{h_} must hold at least one row, got 0")
     if target.dim() != 2 or tuple(target.shape) != (rows, T):
-        raise ValueError(f"target must have shape (2B, T) = {(rows, T)} to match hidden, got {tuple(target.shape)}")
+        raise ValueError(f"target must have shape (2B, T) = {(rows, T)} to match {h_}, got {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor (token ids), got {target.dtype}")
     if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"lin_weight must have shape (V, H) with H = {H} (hidden's last dim), got {tuple(weight.shape)}")
+        raise ValueError(f"{w_} must have shape (V, H) with H = {H} ({h_}'s last dim), got {tuple(weight.shape)}")
     V = weight.shape[0]
     if V == 0:
-        raise ValueError("lin_weight has an empty vocabulary (V = 0)")
+        raise ValueError(f"{w_} has an empty vocabulary (V = 0)")
     if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be a floating tensor in {FLOAT_DTYPES}, got {hidden.dtype}")
+        raise TypeError(f"{h_} must be a floating tensor in {FLOAT_DTYPES}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"lin_weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    devices = {"hidden": hidden.device, "lin_weight": weight.device, "target": target.device}
+        raise TypeError(f"{w_} dtype {weight.dtype} must match {h_} dtype {hidden.dtype}")
+    devices = {h_: hidden.device, w_: weight.device, "target": target.device}
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must be None or a tensor of shape (V,) = ({V},), got {shape}")
+            raise ValueError(f"{b_} must be None or a tensor of shape (V,) = ({V},), got {shape}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-        devices["bias"] = bias.device
+            raise TypeError(f"{b_} dtype {bias.dtype} must match {h_} dtype {hidden.dtype}")
+        devices[b_] = bias.device
     B = rows // 2
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together")
@@ -137,7 +146,7 @@ def _implausible_average(vocab_size: int) -> float:
 
 @torch.no_grad()  # the sums are metrics and checks: no graph (and no grad_fn on the logits/* metric)
 def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int, refs=(), check_finite=True,
-                group=None, averaged: bool | None = None) -> Scan:
+                group=None, averaged: bool | None = None, names=NAMES) -> Scan:
     """Check target values (and, with ``check_finite``, that every input the loss reads is
     finite) in one host sync: a single small copy, which also brings the per-row token
     counts to the host. Under vocabulary parallelism (``group``) the flags are all-reduced,
@@ -149,6 +158,8 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
     ``hidden`` are not read. The reference log-probs must be log-probs (<= 0) and, when
     ``averaged``, plausible as averages (above :func:`_implausible_average`): a summed
     reference passed to a length-averaged loss is refused rather than trained on.
+    ``names``: what the messages call ``(weight, hidden, bias)`` (:data:`REF_NAMES` for the
+    reference model's).
     """
     valid = target != ignore_index
     out_of_range = valid & ((target < 0) | (target >= vocab_size))
@@ -159,7 +170,7 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
     flags = [out_of_range.any(), (n_tokens == 0).any()]
     finite_names = []
     if check_finite:
-        checks = [("hidden", h_sum), ("lin_weight", w_sum), ("bias", b_sum)]
+        checks = [(names[1], h_sum), (names[0], w_sum), (names[2], b_sum)]
         checks += [(name, ref) for name, ref in refs if ref is not None]
         for name, value in checks:
             if value is not None:
@@ -196,7 +207,7 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
     bad = [name for name, flag in zip(finite_names, flags[2 : 2 + n_finite]) if flag]
     implausible = [name for name, flag in zip(ref_names, flags[2 + n_finite :]) if flag]
     if bad:
-        where = {"hidden": " at a valid (non-ignored) position"}
+        where = {names[1]: " at a valid (non-ignored) position"}
         raise ValueError(
             "non-finite values (NaN or ±inf) in " + ", ".join(f"{name}{where.get(name, '')}" for name in bad)
             + ": the loss would be NaN. Check the model's forward (or the reference log-probs); "

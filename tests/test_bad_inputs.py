@@ -430,3 +430,40 @@ def test_reference_logps_that_cannot_be_this_losss_are_refused(refs, average, ma
     # summed references of that size are plausible with summed log-probs
     alphapo.alphapo_loss(weight, hidden, target, bias, -torch.abs(ref_w), -torch.abs(ref_l), backend="torch",
                          average_log_prob=False, gamma=0.0)
+
+
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        pytest.param("hidden", r"non-finite values .* in ref_hidden at a valid", id="nan-ref-hidden"),
+        pytest.param("weight", r"non-finite values .* in ref_weight", id="inf-ref-weight"),
+    ],
+)
+def test_the_reference_models_tensors_are_checked_under_their_own_names(where, match):
+    """The check that the loss runs on ref_hidden / ref_weight names them, not the policy's
+    hidden / lin_weight (a user would look for the NaN in the wrong model)."""
+    from alphapo._validation import REF_NAMES, check_inputs, scan_inputs
+
+    weight, hidden, target, bias = make_batch(2, 9, 16, 40, torch.float32, seed=3)
+    if where == "hidden":
+        row, t = (target != -100).nonzero()[0].tolist()
+        hidden[row, t, 3] = float("nan")
+    else:
+        weight[7, 2] = float("inf")
+    with pytest.raises(TypeError, match=r"ref_weight dtype torch.float64 must match ref_hidden"):
+        check_inputs(weight.double(), hidden, target, names=REF_NAMES)
+    with pytest.raises(ValueError, match=match):
+        scan_inputs(weight, hidden, target, None, 40, IGNORE_INDEX, names=REF_NAMES)
+
+
+@pytest.mark.xfail(strict=True, reason="alphapo/loss.py's _reference_logps must pass names=REF_NAMES to "
+                   "check_inputs and scan_inputs (and scan on the reference backend too)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_in_ref_hidden_is_named_as_ref_hidden(backend):
+    weight, hidden, target, bias = make_batch(2, 9, 16, 40, torch.float32, seed=3)
+    ref_hidden = hidden.clone()
+    row, t = (target != -100).nonzero()[0].tolist()
+    ref_hidden[row, t, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values .* in ref_hidden"):
+        alphapo.alphapo_loss(weight, hidden, target, bias, backend=backend, gamma=0.0, ref_hidden=ref_hidden,
+                             ref_weight=weight, ref_bias=bias)
