@@ -12,13 +12,14 @@ import argparse
 import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..epilogue import AlphaPOConfig
-from ..loss import BACKENDS
+from ..loss import BACKENDS, resolve_backend
 from ..pair_losses import LOSS_TYPES
 from . import checkpoint as C
 from . import data as D
@@ -220,6 +221,7 @@ def _check_together(cfg: TrainConfig) -> None:
         device_type = None
     if device_type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device (--device) must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    _check_backend(cfg, device_type)
     for name, kind in (("model", "directory"), ("tokenizer", "directory"), ("train_file", "file"),
                        ("eval_file", "file")):
         path = getattr(cfg, name)
@@ -228,6 +230,22 @@ def _check_together(cfg: TrainConfig) -> None:
         if path and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
             raise ConfigError(f"{name} (--{name.replace('_', '-')}) {path}: no such {kind}"
                               + (" (a local Hugging Face model; nothing is downloaded)" if name == "model" else ""))
+
+
+def _check_backend(cfg: TrainConfig, device_type: str) -> None:
+    """The loss backend can run on the run's device, in its precision (else: a raw error after the
+    data and model have loaded, from the first loss call)."""
+    if cfg.device == "auto" and torch.cuda.is_available():
+        device_type = "cuda"
+    try:
+        backend = resolve_backend(cfg.backend, torch.device(device_type))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"backend (--backend) {cfg.backend} cannot run here: {e}") from None
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device_type == "cuda") or cfg.param_dtype == "bf16"
+    if backend == "triton" and bf16 and os.environ.get("TRITON_INTERPRET") == "1":
+        raise ConfigError("backend (--backend) triton under TRITON_INTERPRET=1 cannot compute bfloat16 (the "
+                          "interpreter's bf16 tl.dot is wrong): pass --precision fp32 --param-dtype fp32, or "
+                          "--backend torch")
 
 
 # ----------------------------------------------------------------------------------------

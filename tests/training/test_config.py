@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from alphapo.loss import triton_available
 from alphapo.training import config as C
 
 
@@ -63,6 +65,22 @@ def test_every_knob_is_checked_up_front(argv, message):
     with pytest.raises(C.ConfigError) as info:
         C.parse_config(argv)
     assert message in str(info.value)
+
+
+def test_a_backend_that_cannot_run_here_is_refused_up_front(monkeypatch):
+    """Not a raw RuntimeError / TypeError from the first loss call, after the data and model loaded."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("the triton backend runs here")
+    with pytest.raises(C.ConfigError, match=r"backend \(--backend\) triton cannot run here: .*runs on CUDA"):
+        C.parse_config(["--backend", "triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not triton_available():
+        pytest.skip("needs triton")
+    assert C.parse_config(["--backend", "triton"]).backend == "triton"  # fp32 on the CPU: the interpreter can
+    for flags in (["--precision", "bf16"], ["--param-dtype", "bf16"]):
+        with pytest.raises(C.ConfigError, match=r"triton under TRITON_INTERPRET=1 cannot compute bfloat16"):
+            C.parse_config(["--backend", "triton", *flags])
 
 
 def test_a_library_config_of_the_wrong_type_is_refused():
