@@ -221,6 +221,8 @@ def _check_together(cfg: TrainConfig) -> None:
         device_type = None
     if device_type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device (--device) must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device (--device) {cfg.device}: torch sees no MPS device here; use --device cpu or auto")
     _check_backend(cfg, device_type)
     for name, kind in (("model", "directory"), ("tokenizer", "directory"), ("train_file", "file"),
                        ("eval_file", "file")):

@@ -83,6 +83,12 @@ def test_a_backend_that_cannot_run_here_is_refused_up_front(monkeypatch):
             C.parse_config(["--backend", "triton", *flags])
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="an MPS device is here")
+def test_a_device_this_torch_does_not_have_is_refused():
+    with pytest.raises(C.ConfigError, match=r"device \(--device\) mps: torch sees no MPS device here"):
+        C.parse_config(["--device", "mps"])
+
+
 def test_a_library_config_of_the_wrong_type_is_refused():
     with pytest.raises(C.ConfigError, match=r"lr \(--lr\) must be a finite number > 0, got '1e-3'"):
         C.check_config(C.TrainConfig(lr="1e-3"))
