@@ -200,7 +200,8 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
         empty = [i for i, n in enumerate(n_host) if n == 0][:8]
         raise ValueError(
             f"target rows {empty} have no valid tokens (every target is ignore_index={ignore_index}): "
-            "their log-prob is undefined (TRL and Liger return NaN here); drop those pairs or "
+            "their log-prob is undefined (a mean over no tokens: some peers return NaN here, others count "
+            "it as 0); drop those pairs or "
             "unmask at least one completion token"
         )
     n_finite = len(finite_names)

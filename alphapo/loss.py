@@ -39,7 +39,7 @@ from . import chunked
 from ._autograd import FusedSequenceLogProbs, VocabShard, vocab_layout
 from ._pairchunk import PATHS, PairChunkedLoss, PairJob, budget_tokens, chunk_pairs
 from ._tokens import accumulation_dtype, plan_tokens, sequence_sum, with_ld_weights
-from ._validation import check_inputs, scan_inputs
+from ._validation import NAMES, REF_NAMES, check_inputs, scan_inputs
 from .epilogue import AlphaPOConfig, AlphaPOOutput, SequenceSums, make_output, preference_loss
 from .reference import alphapo_loss_reference, sequence_logprobs_reference
 
@@ -170,9 +170,11 @@ def _logit_sums(scan, group=None):
     return sums
 
 
-def _scan(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group, averaged=None):
+def _scan(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group, averaged=None,
+          names=NAMES):
     refs = (("ref_chosen_logps", refs[0]), ("ref_rejected_logps", refs[1]))
-    return scan_inputs(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group, averaged)
+    return scan_inputs(weight, hidden, target, bias, vocab_size, ignore_index, refs, check_finite, group, averaged,
+                       names)
 
 
 def sequence_logprobs(
@@ -375,28 +377,26 @@ def _reference_logps(ref_model, hidden, target, cfg: AlphaPOConfig, opts: _Optio
     if ref_hidden is None or ref_weight is None:
         raise ValueError("the reference model needs both ref_hidden and ref_weight (and ref_bias if its head has one)")
     ref_weight, ref_hidden, ref_bias = _autocast(ref_weight, ref_hidden, ref_bias)
-    check_inputs(ref_weight, ref_hidden, target, ref_bias)
+    check_inputs(ref_weight, ref_hidden, target, ref_bias, names=REF_NAMES)
     if tuple(ref_hidden.shape[:2]) != tuple(hidden.shape[:2]):
         raise ValueError(f"ref_hidden must have the policy's (2B, T) = {tuple(hidden.shape[:2])} leading shape "
                          f"(the same sequences), got {tuple(ref_hidden.shape)}")
-    group = opts.process_group
+    group = opts.process_group if backend != "reference" else None
     B = hidden.shape[0] // 2
+    vocab_size, shard = _vocab_shard(ref_weight.shape[0], group, ref_hidden.device)
+    scan = _scan(ref_weight, ref_hidden, target, ref_bias, vocab_size, cfg.ignore_index, (None, None),
+                 opts.check_finite, group, names=REF_NAMES)
+    n = scan.n_tokens
+    plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, n, scan.n_host), cfg.ld_alpha)
     if backend == "reference":
         from .reference import token_logprobs_reference
 
         tok = token_logprobs_reference(ref_weight, ref_hidden, target, ref_bias, cfg.ignore_index)
-        n = (target != cfg.ignore_index).sum(1)
-        plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, n, n.tolist()), cfg.ld_alpha)
         values = tok.reshape(-1)[plan.flat_idx]
         if plan.weights is not None:
             values = values * plan.weights[:, 1].to(values.dtype)
         seq = sequence_sum(values, plan)
     else:
-        vocab_size, shard = _vocab_shard(ref_weight.shape[0], group, ref_hidden.device)
-        scan = _scan(ref_weight, ref_hidden, target, ref_bias, vocab_size, cfg.ignore_index, (None, None),
-                     opts.check_finite, group)
-        n = scan.n_tokens
-        plan = with_ld_weights(plan_tokens(target, cfg.ignore_index, n, scan.n_host), cfg.ld_alpha)
         seq = _recompute_sums(ref_weight, ref_hidden, ref_bias, plan, _backend_module(backend), opts.scratch_bytes,
                               shard)[0][:, -1]
     logps = seq / n.to(seq.dtype) if cfg.average_log_prob else seq

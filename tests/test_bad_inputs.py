@@ -456,8 +456,6 @@ def test_the_reference_models_tensors_are_checked_under_their_own_names(where, m
         scan_inputs(weight, hidden, target, None, 40, IGNORE_INDEX, names=REF_NAMES)
 
 
-@pytest.mark.xfail(strict=True, reason="alphapo/loss.py's _reference_logps must pass names=REF_NAMES to "
-                   "check_inputs and scan_inputs (and scan on the reference backend too)")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nan_in_ref_hidden_is_named_as_ref_hidden(backend):
     weight, hidden, target, bias = make_batch(2, 9, 16, 40, torch.float32, seed=3)
