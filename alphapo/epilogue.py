@@ -25,6 +25,7 @@ exponent is formed directly, with a tangent continuation past
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from dataclasses import dataclass
@@ -47,11 +48,31 @@ from .pair_losses import (
 __all__ = ["EXP_CAP", "AlphaPOConfig", "AlphaPOOutput", "alpha_reward", "preference_loss"]
 
 
+def _scalar(name, value):
+    """A one-element tensor or array as its Python number (other values as they are)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a finite number, got a {value.dtype} tensor")
+        return value.item()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.reshape(()).item()  # a bool array gives a bool, refused below
+    return value
+
+
 def _real(name, value, *, positive=False, lo=None, hi=None):
-    """A finite real number (any numeric type, numpy's included; never a bool)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    """A finite real number: any real numeric type (numpy's, ``Decimal``, ``Fraction``) or a
+    one-element real tensor / array; never a bool."""
+    value = _scalar(name, value)
+    if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a finite number (not a bool), got {value!r}")
-    value = float(value)
+    if not isinstance(value, (numbers.Real, decimal.Decimal)):
+        raise ValueError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    try:
+        value = float(value)
+    except ValueError:  # Decimal('sNaN')
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):

@@ -7,6 +7,9 @@ the reference and for the fused backends alike (they share :mod:`alphapo._valida
 
 from __future__ import annotations
 
+from decimal import Decimal
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -291,12 +294,21 @@ def test_process_group_needs_a_fused_backend(batch):
 # ----------------------------------------------------------------------- numbers and flags
 
 
+def _python_number(v):
+    if isinstance(v, (Decimal, Fraction)):
+        return float(v)
+    return v.item() if hasattr(v, "item") else v
+
+
 @pytest.mark.parametrize(
     "options",
     [
         pytest.param(dict(alpha=np.float32(0.25)), id="numpy-float32-alpha"),
         pytest.param(dict(beta=np.float64(2.5), gamma=np.int64(1)), id="numpy-beta-gamma"),
         pytest.param(dict(alpha=1), id="int-alpha"),
+        pytest.param(dict(alpha=torch.tensor(0.25)), id="0-dim-tensor-alpha"),
+        pytest.param(dict(beta=np.array([2.5])), id="one-element-array-beta"),
+        pytest.param(dict(alpha=Decimal("0.25"), gamma=Fraction(11, 8)), id="decimal-fraction"),
         pytest.param(dict(average_log_prob=np.bool_(False), gamma=0.0), id="numpy-bool"),
         pytest.param(dict(ignore_index=np.int64(-100)), id="numpy-int-ignore-index"),
     ],
@@ -305,7 +317,7 @@ def test_real_numbers_of_any_numeric_type_are_accepted(batch, options):
     weight, hidden, target, bias = batch
     loss, _ = alphapo.alphapo_loss(weight, hidden, target, bias, **options)
     reference, _ = alphapo.alphapo_loss(weight, hidden, target, bias,
-                                        **{k: (v.item() if hasattr(v, "item") else v) for k, v in options.items()})
+                                        **{k: _python_number(v) for k, v in options.items()})
     assert torch.equal(loss, reference)
 
 
@@ -314,6 +326,11 @@ def test_real_numbers_of_any_numeric_type_are_accepted(batch, options):
     [
         pytest.param(dict(alpha=True), r"alpha must be a finite number \(not a bool\), got True", id="bool-alpha"),
         pytest.param(dict(beta=np.bool_(True)), r"beta must be a finite number \(not a bool\)", id="numpy-bool-beta"),
+        pytest.param(dict(alpha=torch.tensor(True)), r"alpha must be a finite number, got a torch.bool tensor",
+                     id="bool-tensor-alpha"),
+        pytest.param(dict(alpha=torch.tensor([0.1, 0.2])), r"alpha must be a finite number, got Tensor", id="tensor"),
+        pytest.param(dict(alpha="0.25"), r"alpha must be a finite number, got str '0.25'", id="str-alpha"),
+        pytest.param(dict(alpha=Decimal("NaN")), r"alpha must be a finite number, got nan", id="decimal-nan"),
         pytest.param(dict(average_log_prob="no"), r"average_log_prob must be True or False, got 'no'", id="str-flag"),
         pytest.param(dict(average_log_prob=1), r"average_log_prob must be True or False, got 1", id="int-flag"),
         pytest.param(dict(use_weighting="yes"), r"use_weighting must be True or False", id="str-weighting"),
