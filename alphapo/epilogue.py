@@ -43,6 +43,7 @@ from .pair_losses import (
     alpha_reward,
     on_tangent,
     pair_loss,
+    saturated,
 )
 
 __all__ = ["EXP_CAP", "AlphaPOConfig", "AlphaPOOutput", "alpha_reward", "preference_loss"]
@@ -208,7 +209,8 @@ class AlphaPOOutput(NamedTuple):
     rejected) [entropy]; ``mean_token_accuracy`` (share of chosen tokens whose target is
     the argmax) [mean_token_accuracy]; ``tangent_fraction`` (share of sequences whose α
     reward lies past :data:`EXP_CAP`, where it no longer depends on α's curve)
-    [rewards/tangent_fraction].
+    [rewards/tangent_fraction]; ``saturated_fraction`` (share whose α reward is flat,
+    ``α x > EXP_CAP``: its gradient is below e^-30) [rewards/saturated_fraction].
     """
 
     chosen_logps: torch.Tensor
@@ -223,6 +225,7 @@ class AlphaPOOutput(NamedTuple):
     entropy: torch.Tensor
     mean_token_accuracy: torch.Tensor
     tangent_fraction: torch.Tensor
+    saturated_fraction: torch.Tensor
 
     def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The metrics reduced to scalars under TRL's log names (still tensors: no sync)."""
@@ -239,6 +242,7 @@ class AlphaPOOutput(NamedTuple):
             f"{prefix}entropy": self.entropy,
             f"{prefix}mean_token_accuracy": self.mean_token_accuracy,
             f"{prefix}rewards/tangent_fraction": self.tangent_fraction,
+            f"{prefix}rewards/saturated_fraction": self.saturated_fraction,
         }
 
 
@@ -276,7 +280,8 @@ class EpilogueOut(NamedTuple):
     chosen_rewards: torch.Tensor  # (B,) β · f(x_w)
     rejected_rewards: torch.Tensor
     nll: torch.Tensor  # this batch's own mean NLL of the chosen tokens
-    tangent: torch.Tensor  # (2B,) bool: α reward past the cap
+    tangent: torch.Tensor  # (2B,) bool: α reward past the cap, on its tangent
+    saturated: torch.Tensor  # (2B,) bool: α reward flat (slope below e^-EXP_CAP)
 
 
 def preference_loss(
@@ -332,7 +337,8 @@ def preference_loss(
     if cfg.nll_total:
         loss = loss + cfg.nll_total * (nll if nll_tokens is None else chosen_nll / nll_tokens)
     tangent = torch.cat([on_tangent(x_w, a), on_tangent(x_l, a)])
-    return EpilogueOut(loss, logps, losses, cfg.beta * r_w, cfg.beta * r_l, nll, tangent)
+    flat = torch.cat([saturated(x_w, a), saturated(x_l, a)])
+    return EpilogueOut(loss, logps, losses, cfg.beta * r_w, cfg.beta * r_l, nll, tangent, flat)
 
 
 def pair_chunk_grad(sums: SequenceSums, cfg: AlphaPOConfig, ref_chosen_logps, ref_rejected_logps, num_pairs: int,
@@ -383,4 +389,5 @@ def make_output(epi: EpilogueOut, sums: SequenceSums, logit_sums, vocab_size) ->
         entropy=entropy,
         mean_token_accuracy=accuracy,
         tangent_fraction=epi.tangent.float().mean(),
+        saturated_fraction=epi.saturated.float().mean(),
     )

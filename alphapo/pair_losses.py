@@ -64,7 +64,9 @@ fits float32). On the tangent ``f`` is linear with slope e^30: when every sequen
 batch lies there (|α x| > 30 — e.g. α ≥ 10 with summed log-probs, or α·x ≤ -30 for negative
 α, whose reward then saturates towards ``1/|α|`` with gradient e^{-|α x|} → 0), the loss
 no longer changes with α. ``AlphaPOOutput.tangent_fraction`` reports the share of
-sequences past the cap."""
+sequences past the cap on the tangent side (``-α x > EXP_CAP``), ``saturated_fraction``
+the share on the flat side (``-α x < -EXP_CAP``: slope below e^-30, no gradient to speak
+of); both are 0 at α = 0."""
 
 
 ALPHA_DIVERGENCE_CAP = 80.0
@@ -122,6 +124,12 @@ def alpha_reward(x: torch.Tensor, alpha: float) -> torch.Tensor:
 def on_tangent(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """Where the α reward of ``x`` has left its curve (bool, like ``x``)."""
     return (-alpha * x > EXP_CAP) if alpha != 0.0 else torch.zeros_like(x, dtype=torch.bool)
+
+
+def saturated(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Where the α reward of ``x`` is flat: within e^-EXP_CAP of its limit 1/α, with a slope
+    of at most e^-EXP_CAP (bool, like ``x``)."""
+    return (-alpha * x < -EXP_CAP) if alpha != 0.0 else torch.zeros_like(x, dtype=torch.bool)
 
 
 def f_divergence_score(r: torch.Tensor, kind: str, coef: float) -> torch.Tensor:

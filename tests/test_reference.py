@@ -163,13 +163,14 @@ def test_metrics_against_materialised_logits(backend, options):
     close("mean_token_accuracy", aux.mean_token_accuracy, top1[:B][valid[:B]].double().mean().item())
     a = options.get("alpha", 0.25)
     close("tangent_fraction", aux.tangent_fraction, sum(-a * v > 30 for v in x) / (2 * B))
+    close("saturated_fraction", aux.saturated_fraction, sum(a * v > 30 for v in x) / (2 * B))
     assert not any(t.requires_grad for t in aux)
 
     logged = aux.to_dict()
     assert set(logged) == {
         "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss",
-        "entropy", "mean_token_accuracy", "rewards/tangent_fraction",
+        "entropy", "mean_token_accuracy", "rewards/tangent_fraction", "rewards/saturated_fraction",
     }
     assert all(v.dim() == 0 for v in logged.values())
     close("rewards/margins", logged["rewards/margins"], sum(r_w) / B - sum(r_l) / B)
@@ -253,6 +254,20 @@ def test_alpha_reward_past_the_cap_is_the_tangent(alpha):
     values = alpha_reward(grid, alpha)
     assert torch.isfinite(values).all() and torch.isfinite(values.float()).all()
     assert (values.diff() >= 0).all(), "the reward must stay non-decreasing in the log-prob"
+
+
+@pytest.mark.parametrize("alpha, tangent, flat", [(50.0, 1.0, 0.0), (10.0, 1.0, 0.0), (-50.0, 0.0, 1.0), (0.0, 0.0, 0.0)])
+def test_extreme_alpha_is_visible_in_aux(alpha, tangent, flat):
+    """Summed log-probs of a few hundred: α = 10 and 50 put every reward on the tangent (the
+    loss no longer depends on α), α = -50 on the flat side (no gradient): aux says which."""
+    weight, hidden, target, bias = make_batch(2, 40, 16, 97, torch.float64, seed=4)
+    hidden = hidden.requires_grad_()
+    loss, aux = alphapo.alphapo_loss(weight, hidden, target, bias, backend="reference", alpha=alpha,
+                                     average_log_prob=False, gamma=0.0)
+    assert aux.tangent_fraction.item() == tangent and aux.saturated_fraction.item() == flat
+    if flat:
+        (grad,) = torch.autograd.grad(loss, hidden)
+        assert grad.abs().max().item() < 1e-12
 
 
 @pytest.mark.parametrize("coef", [0.3, 0.5, 1.7])

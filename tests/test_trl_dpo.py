@@ -275,7 +275,7 @@ def test_alpha_shapes_the_rewards(setup, tmp_path):
     ours.train()
     logs = [h for h in ours.state.log_history if "loss" in h]
     assert ours.alphapo_loss.config.alpha == 0.5
-    assert all(math.isfinite(h["loss"]) and "rewards/tangent_fraction" in h for h in logs)
+    assert all(math.isfinite(h["loss"]) and {"rewards/tangent_fraction", "rewards/saturated_fraction"} <= set(h) for h in logs)
 
 
 def test_refuses_smoothing_it_cannot_split(setup, tmp_path):

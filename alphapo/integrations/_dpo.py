@@ -300,4 +300,6 @@ class AlphaPODPOTrainer(ExactNLLAccumulation, DPOTrainer):
                             ("logps/chosen", aux.chosen_logps), ("logps/rejected", aux.rejected_logps)):
             metrics[name].append(acc.gather(value).mean().item())
         if self.alphapo_loss.config.alpha != 0:
-            metrics["rewards/tangent_fraction"].append(acc.gather(aux.tangent_fraction.reshape(1)).mean().item())
+            for name in ("tangent_fraction", "saturated_fraction"):
+                value = getattr(aux, name).reshape(1)
+                metrics[f"rewards/{name}"].append(acc.gather(value).mean().item())
