@@ -186,7 +186,9 @@ def say_resumed(run: Run, checkpoint: Path, changes: list[dict]) -> None:
     newer = C.newer_checkpoints(run.run_dir, run.step)
     if newer:
         run.log(f"note: {', '.join(newer)} in {run.run_dir / 'checkpoints'} {'is' if len(newer) == 1 else 'are'} "
-                "from before this resume, and will be replaced as this run reaches that step")
+                f"past step {run.step}, which this run continues from (left by an earlier resume at an earlier "
+                "checkpoint, or by a save stopped before it could update latest); replaced as this run reaches "
+                "that step")
     if changes:
         run.log("changed on resume: " + ", ".join(f"{c['knob']} {c['from']} -> {c['to']}" for c in changes)
                 + f" from step {run.step} (recorded in metrics.jsonl and the summary)")

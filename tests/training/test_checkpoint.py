@@ -112,6 +112,19 @@ def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
     assert "step-000002" not in checkpoints_of(run)
 
 
+def test_a_checkpoint_past_latest_is_named_for_what_it_may_be(tmp_path, capsys):
+    """A save stopped between its rename and its update of latest leaves a complete
+    checkpoint past the one latest names: the resume continues from latest (the commit
+    point) and says what the newer one may be, without claiming it predates the resume."""
+    run = tmp_path / "R"
+    loop.train(tiny_config(tmp_path, "R", max_steps=6, keep_last=3), log=quiet)
+    (run / "latest").write_text("checkpoints/step-000004\n")
+    assert cli.main(["--resume", str(run), "--max-steps", "6", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step-000004" in out
+    assert "step-000006" in out and "a save stopped before it could update latest" in out, out
+
+
 def tree_of(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
