@@ -65,6 +65,16 @@ TOL = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models and tensors: a second thread only adds
+    hand-off latency there (10x on the TRL loss tests)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def make_batch(
     B: int,
     T: int,

@@ -18,13 +18,7 @@ from alphapo.training.modeling import tiny_llama  # noqa: E402
 from alphapo.training.tokenizer import build_char_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model: a second intra-op thread only adds hand-off latency here."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
