@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._tokens import TokenPlan, TokenStats, accumulation_dtype, metric_values, sequence_sum
+from ._tokens import TokenPlan, TokenStats, accumulation_dtype, logp_values, metric_values, sequence_sum
 
 
 class VocabShard(NamedTuple):
@@ -71,9 +71,7 @@ def _combine_shards(stats: TokenStats, group) -> TokenStats:
 def sequence_sums(stats: TokenStats, plan: TokenPlan, want_wpo: bool):
     """(2B, K) weighted log-prob sums (K = 2 with LD-DPO weights: raw, weighted) and
     (2B, 2 or 3) metric sums (entropy, hits[, WPO]) of one batch's token statistics."""
-    logp = stats.logp()
-    values = logp[:, None] if plan.weights is None else logp[:, None] * plan.weights.to(logp.dtype)
-    return sequence_sum(values, plan), sequence_sum(metric_values(stats, want_wpo), plan)
+    return sequence_sum(logp_values(stats, plan.weights), plan), sequence_sum(metric_values(stats, want_wpo), plan)
 
 
 class FusedSequenceLogProbs(torch.autograd.Function):

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from ._autograd import VocabShard, _combine_shards
-from ._tokens import TokenPlan, TokenStats, accumulation_dtype, metric_values
+from ._tokens import TokenPlan, TokenStats, accumulation_dtype, dense_sum, logp_values, metric_values
 from .chunked import chunk_gradients_
 from .epilogue import AlphaPOConfig, SequenceSums, pair_chunk_grad, preference_loss
 
@@ -134,11 +134,10 @@ def _forward(hidden, weight, bias, job: PairJob, needs):
         local_seq = torch.repeat_interleave(
             torch.arange(2 * b, device=device), torch.tensor(counts, device=device), output_size=n_c
         )
-        logp = stats.logp()
         weights = None if plan.weights is None else torch.cat([plan.weights[ca], plan.weights[cb]]).to(acc)
-        values = logp[:, None] if weights is None else logp[:, None] * weights
-        s_chunk = _chunk_sum(values, local_seq, idx % T, 2 * b, T)
-        m_chunk = _chunk_sum(metric_values(stats, want_wpo), local_seq, idx % T, 2 * b, T)
+        place = local_seq * T + idx % T  # each token's own place among the chunk's 2b rows
+        s_chunk = dense_sum(logp_values(stats, weights), place, 2 * b, T)
+        m_chunk = dense_sum(metric_values(stats, want_wpo), place, 2 * b, T)
         for out, part in ((seq, s_chunk), (metrics, m_chunk)):
             out[j0:j1], out[B + j0 : B + j1] = part[:b], part[b:]
 
@@ -169,15 +168,6 @@ def _forward(hidden, weight, bias, job: PairJob, needs):
     if need_b:
         grad_b = grad_b.to(bias.dtype)
     return seq, metrics, grad_h, grad_w, grad_b
-
-
-def _chunk_sum(values, local_seq, position, rows, T):
-    """(n, K) token values of a chunk into its ``rows`` sequences, (rows, K): a dense
-    (rows · T, K) buffer in which each token has its own place, summed over T — the same
-    order as :func:`alphapo._tokens.sequence_sum`, so both paths give identical sums."""
-    dense = values.new_zeros((rows * T, values.shape[1]))
-    dense[local_seq * T + position] = values
-    return dense.view(rows, T, values.shape[1]).sum(1)
 
 
 class PairChunkedLoss(torch.autograd.Function):

@@ -69,11 +69,17 @@ def with_ld_weights(plan: TokenPlan, ld_alpha: float | None) -> TokenPlan:
     return plan._replace(weights=torch.stack([torch.ones_like(ld), ld], dim=1))
 
 
+def dense_sum(token_values: torch.Tensor, place: torch.Tensor, rows: int, T: int) -> torch.Tensor:
+    """Sum per-token values into ``rows`` sequences, deterministically: each token is written
+    to its own ``place`` (row · T + position) of a dense buffer, summed over T. (N, ...) -> (rows, ...)."""
+    dense = token_values.new_zeros((rows * T, *token_values.shape[1:]))
+    dense[place] = token_values
+    return dense.view(rows, T, *token_values.shape[1:]).sum(1)
+
+
 def sequence_sum(token_values: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
-    """Sum per-token values into their sequences, deterministically: (N, ...) -> (2B, ...)."""
-    dense = token_values.new_zeros((plan.rows * plan.T, *token_values.shape[1:]))
-    dense[plan.flat_idx] = token_values
-    return dense.view(plan.rows, plan.T, *token_values.shape[1:]).sum(1)
+    """Sum per-token values into the batch's sequences: (N, ...) -> (2B, ...)."""
+    return dense_sum(token_values, plan.flat_idx, plan.rows, plan.T)
 
 
 class TokenStats(NamedTuple):
@@ -96,6 +102,13 @@ class TokenStats(NamedTuple):
 
     def entropy(self) -> torch.Tensor:
         return self.lse - self.zbar
+
+
+def logp_values(stats: TokenStats, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-token log-prob columns whose sequence sums the loss reads, (N, K): the log-prob,
+    and with LD-DPO ``weights`` (N, 2) the raw and the weighted one."""
+    logp = stats.logp()
+    return logp[:, None] if weights is None else logp[:, None] * weights.to(logp.dtype)
 
 
 def metric_values(stats: TokenStats, want_wpo: bool) -> torch.Tensor:
