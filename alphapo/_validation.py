@@ -168,7 +168,7 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
     b_sum = bias.sum(dtype=torch.float64) if bias is not None else None
     h_sum = _valid_hidden_sum(hidden, valid)
     flags = [out_of_range.any(), (n_tokens == 0).any()]
-    finite_names = []
+    finite_names, ref_names = [], []
     if check_finite:
         checks = [(names[1], h_sum), (names[0], w_sum), (names[2], b_sum)]
         checks += [(name, ref) for name, ref in refs if ref is not None]
@@ -176,8 +176,7 @@ def scan_inputs(weight, hidden, target, bias, vocab_size: int, ignore_index: int
             if value is not None:
                 finite_names.append(name)
                 flags.append(~torch.isfinite(value).all())
-    ref_names = []
-    if check_finite:
+        # then the plausibility of the reference log-probs (their flags after the finite ones)
         floor = _implausible_average(vocab_size) if averaged else -math.inf
         for name, ref in refs:
             if ref is not None:
