@@ -75,6 +75,21 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
+def peaked_tiny_llama():
+    """The TRL trainer tests' model: the character tokenizer and a one-layer tiny Llama
+    (seed 0) whose head is scaled ×10, so softmaxes are peaked and rewards unequal — a
+    check away from uniform logits. Returns ``(tokenizer, model)``."""
+    from alphapo.training.modeling import tiny_llama
+    from alphapo.training.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    lm = tiny_llama(len(tok), tok, n_layer=1, n_embd=32, n_head=2)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(10)
+    return tok, lm
+
+
 def make_batch(
     B: int,
     T: int,

@@ -23,8 +23,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from alphapo.integrations.trl import AlphaPODPOTrainer, loss_from_dpo_args  # noqa: E402
 from alphapo.training.data import builtin_task  # noqa: E402
-from alphapo.training.modeling import tiny_llama  # noqa: E402
-from alphapo.training.tokenizer import build_char_tokenizer  # noqa: E402
+from conftest import peaked_tiny_llama  # noqa: E402
 
 # Values that are not results: timings, and the step bookkeeping both trainers share.
 UNCOMPARED = ("runtime", "per_second", "epoch", "step", "learning_rate", "total_flos")
@@ -35,11 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    lm = tiny_llama(len(tok), tok, n_layer=1, n_embd=32, n_head=2)
-    with torch.no_grad():
-        lm.lm_head.weight.mul_(10)  # peaked softmaxes: a check away from uniform logits
+    tok, lm = peaked_tiny_llama()
     ref = copy.deepcopy(lm)
     with torch.no_grad():  # a reference unlike the policy: rewards are not 0 at the first step
         for p in ref.parameters():

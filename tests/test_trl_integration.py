@@ -14,8 +14,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 from alphapo.training.data import builtin_task  # noqa: E402
 from alphapo.integrations.trl import AlphaPOCPOTrainer, loss_from_cpo_args, unpatch_forward  # noqa: E402
-from alphapo.training.modeling import tiny_llama  # noqa: E402
-from alphapo.training.tokenizer import build_char_tokenizer  # noqa: E402
+from conftest import peaked_tiny_llama  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -23,11 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    lm = tiny_llama(len(tok), tok, n_layer=1, n_embd=32, n_head=2)
-    with torch.no_grad():
-        lm.lm_head.weight.mul_(10)  # peaked softmaxes and unequal rewards: a check away from uniform
+    tok, lm = peaked_tiny_llama()
     records, _ = builtin_task(8, 1, seed=2)
     return tok, lm, datasets.Dataset.from_list(records)
 
